@@ -1,0 +1,115 @@
+"""`llmstack` command line: subcommand dispatch only (the work is in llmstack/stages/).
+
+Every command: `--help` explains it; a bad argument, a missing file or a bad config exits with
+status 2 and one message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from llmstack.errors import UsageError
+
+OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment instead."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            os.environ.setdefault("LOCAL_RANK", a)
+            skip = False
+        elif m := re.fullmatch(r"--local[_-]rank=(\d+)", a):
+            os.environ.setdefault("LOCAL_RANK", m.group(1))
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _config_cmd(sub, name: str, help_: str, description: str):
+    p = sub.add_parser(name, help=help_, description=description)
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config (and DeepSpeed config) and exit")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmstack",
+        description="LLM pretraining and fine-tuning stack: tokenizer -> data -> pretrain (DeepSpeed ZeRO) -> ...",
+        epilog="Multi-process: deepspeed --num_gpus N --module llmstack pretrain CONFIG ... "
+        "or torchrun --nproc_per_node N -m llmstack pretrain CONFIG ...",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer", description="Tokenizer commands.")
+    tok_sub = tok.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _config_cmd(tok_sub, "train", "train a BPE / SentencePiece tokenizer from a config",
+                "Train a byte-level BPE (tokenizers) or SentencePiece BPE/Unigram tokenizer and save it to "
+                "tokenizer.path in a form transformers.AutoTokenizer loads.")
+
+    _config_cmd(sub, "pretrain", "pretrain a GPT with DeepSpeed ZeRO",
+                "Causal-LM pretraining. Trains the config's tokenizer first if it does not exist. Resumes from "
+                "the newest complete checkpoint by default (train.resume=auto).")
+
+    qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
+                        description="Train a tiny tokenizer and a tiny GPT on the builtin corpus (the Python "
+                        "standard library's docstrings and comments) and report validation loss against the "
+                        "corpus's unigram entropy. A few minutes on a laptop CPU.")
+    qs.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
+    qs.add_argument("--steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UsageError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from llmstack.config import PretrainConfig, TokenizerTrainConfig, load_config, to_yaml
+
+    if args.command == "tokenizer":
+        cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        from llmstack.stages.common import train_tokenizer
+
+        train_tokenizer(cfg.tokenizer, cfg.data.sources)
+        return 0
+    if args.command == "pretrain":
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        from llmstack.stages import pretrain
+
+        if args.dry_run:
+            pretrain.dry_run(cfg)
+            return 0
+        pretrain.run(cfg)
+        return 0
+    if args.command == "quickstart":
+        from llmstack.stages import quickstart
+
+        quickstart.run(out=args.out, steps=args.steps)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

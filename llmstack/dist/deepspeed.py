@@ -1,0 +1,228 @@
+"""All DeepSpeed code lives here (DESIGN.md principle 4).
+
+- the ds_config is generated from plain typed arguments; a raw ds_config may be merged on top
+- batch arithmetic is validated once: global = micro x accumulation x data-parallel world
+- ZeRO-3 models are constructed under `deepspeed.zero.Init` and initialised module by module
+  with gathered parameters, so every stage starts from bit-identical weights
+- the engine is created here; checkpoint I/O of the engine and consolidation to one state dict
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from llmstack.dist import env
+from llmstack.errors import UsageError
+
+
+def _quiet_deepspeed() -> None:
+    # DeepSpeed logs every engine detail at INFO on every rank; keep warnings only.
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def resolve_batch(micro_batch: int, grad_accum: int, global_batch: int | None, world: int) -> tuple[int, int, int]:
+    """(micro, accum, global) with global = micro x accum x world, or a UsageError saying why not.
+
+    If global_batch is given, accumulation is derived from it (and must come out whole).
+    """
+    if global_batch is not None:
+        per_step = micro_batch * world
+        if global_batch % per_step:
+            raise UsageError(
+                f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch} "
+                f"x world size {world} = {per_step}; choose a global batch that is a multiple of {per_step}"
+            )
+        grad_accum = global_batch // per_step
+    return micro_batch, grad_accum, micro_batch * grad_accum * world
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world: int,
+    precision: str,
+    zero_stage: int,
+    offload_optimizer: bool,
+    offload_params: bool,
+    grad_clip: float,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    extra: dict | None = None,
+) -> dict:
+    """The ds_config dict for these settings, with `extra` (a user's raw ds_config) merged on top."""
+    pin = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage > 0:
+        zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # we pass a torch AdamW (see create_engine); DeepSpeed supports it under ZeRO but calls it untested
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        # offload needs DeepSpeed's CPU Adam, which it builds from this section
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        }
+    return _merge(cfg, extra or {})
+
+
+def model_init_context(ds_config: dict, zero_stage: int):
+    """Context to construct a model in: partitioned at construction under ZeRO-3, plain otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    _quiet_deepspeed()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def init_weights(model: nn.Module, init_module: Callable[[nn.Module], None], zero_stage: int) -> None:
+    """Run `init_module` over every module in order.
+
+    Under ZeRO-3 each module's own parameters are gathered, initialised on rank 0 (consuming the
+    RNG exactly as a plain run does) and re-partitioned, so all stages start from the same weights.
+    """
+    if zero_stage != 3:
+        for m in model.modules():
+            init_module(m)
+        return
+    import deepspeed
+
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            init_module(m)
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if env.is_main():
+                init_module(m)
+
+
+def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """Copy a full (consolidated) state dict into a possibly ZeRO-3 partitioned model."""
+    if zero_stage != 3:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        _check_keys(missing, unexpected, model)
+        return
+    import deepspeed
+
+    names = {n for n, _ in model.named_parameters()}
+    _check_keys([n for n in names if n not in state], [k for k in state if k not in names], model)
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if env.is_main():
+                p.data.copy_(state[name].to(p.dtype))
+
+
+def _check_keys(missing, unexpected, model) -> None:
+    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UsageError(
+            f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *, lr, betas, eps):
+    """A DeepSpeed engine around `model`.
+
+    Without optimizer offload we hand DeepSpeed a torch AdamW (fused on CUDA); with offload the
+    ds_config's optimizer section makes DeepSpeed build its CPU Adam over the same groups.
+    """
+    import deepspeed
+
+    _quiet_deepspeed()
+    optimizer = None
+    if "optimizer" not in ds_config:
+        kw = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kw)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=param_groups if optimizer is None else None,
+        config=ds_config,
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint I/O of the engine (the atomic protocol around it is in train/checkpoint.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_engine(engine, root: Path, tag: str, client_state: dict) -> None:
+    """Write the engine's model/optimizer (partitioned per rank under ZeRO) to root/tag/. All ranks call."""
+    # `universal_checkpoint_info` lets DeepSpeed's ds_to_universal convert this checkpoint for a
+    # different world size later (it refuses checkpoints without it).
+    state = {"universal_checkpoint_info": {}, **client_state}
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+
+
+def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True) -> dict:
+    """Restore engine state from root/tag/ and return the client state saved with it."""
+    path, client = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise UsageError(f"could not load DeepSpeed checkpoint {root / tag}")
+    return client or {}
+
+
+def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a checkpoint directory of any ZeRO stage and world size."""
+    ckpt_dir = Path(ckpt_dir)
+    model_file = ckpt_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise UsageError(f"{ckpt_dir} is not a checkpoint (no mp_rank_00_model_states.pt)")
+    if any(ckpt_dir.glob("*optim_states.pt")) and any(ckpt_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    else:
+        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}

@@ -1,0 +1,244 @@
+"""Decoder-only GPT, readable top to bottom (after nanoGPT's model.py).
+
+Design choices, each a config option rather than a separate class:
+- positions: learned absolute (GPT-2) or rotary (LLaMA, half-rotation layout as in HF)
+- norm: LayerNorm (with or without bias) or RMSNorm; always pre-norm with a final norm
+- MLP: plain 4x with GELU (tanh approximation, as GPT-2) or gated SwiGLU (LLaMA)
+- attention: multi-head or grouped-query (n_kv_head < n_head), one fused QKV matmul, PyTorch SDPA
+- tied or untied input/output embeddings; dropout on residual branches and attention weights
+- init: normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
+  (GPT-2 paper, section 2.3), biases zero, norms one.
+Shapes: B batch, T sequence, C d_model, nh heads, nkv key/value heads, hd head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llmstack.models.layers import GatedMLP, MLP, apply_rotary, attention, make_norm, rotary_tables, swiglu_hidden
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head (plain multi-head attention)
+    d_model: int = 256
+    d_ff: int | None = None  # None: 4*d_model, or swiglu_hidden(d_model) for gated MLPs
+    max_seq_len: int = 256
+    pos: str = "learned"  # learned | rotary
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    activation: str | None = None  # None: gelu_tanh for mlp=gelu, silu for swiglu
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        n_kv = self.n_kv_head or self.n_head
+        if self.n_head % n_kv:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return swiglu_hidden(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
+
+    @property
+    def act(self) -> str:
+        return self.activation or ("silu" if self.mlp == "swiglu" else "gelu_tanh")
+
+
+_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)
+_LLAMA = dict(pos="rotary", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5)
+
+# Sizes follow GPT-2 / GPT-3 (Radford et al. 2019, Brown et al. 2020 table 2.1).
+PRESETS: dict[str, dict] = {
+    "gpt2-tiny": dict(_GPT2, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    "gpt2-small": dict(_GPT2, n_layer=6, n_head=8, d_model=512, max_seq_len=512),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    "gpt2-350m": dict(_GPT2, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
+    "gpt2-760m": dict(_GPT2, n_layer=24, n_head=16, d_model=1536, max_seq_len=1024),
+    "gpt2-1.3b": dict(_GPT2, n_layer=24, n_head=16, d_model=2048, max_seq_len=2048),
+    "llama-tiny": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
+    "llama-small": dict(_LLAMA, n_layer=6, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
+    "llama-124m": dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
+    "llama-350m": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=1024, max_seq_len=2048),
+    "llama-1.3b": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=2048, max_seq_len=2048),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # one matmul for q, k, v: output [q (nh*hd) | k (nkv*hd) | v (nkv*hd)]
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual_scaled = True  # read by init: GPT-2 scaled residual init
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, rope=None, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = attention(q, k, v, causal=True, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        mlp_cls = GatedMLP if cfg.mlp == "swiglu" else MLP
+        self.mlp = mlp_cls(cfg.d_model, cfg.ff_dim, cfg.act, cfg.bias, cfg.dropout)
+        self.mlp.proj.residual_scaled = True
+
+    def forward(self, x, rope=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # the same Parameter in two modules (as HF does): each module's forward sees it, so
+            # ZeRO-3 gathers it for both the lookup and the output projection.
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rotary":
+            cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = cfg.activation_checkpointing
+
+    # -- init ------------------------------------------------------------------------------
+    def init_module_(self, module: nn.Module) -> None:
+        """Initialise one module's own parameters (not its children's).
+
+        Split per module so the distributed layer can gather a ZeRO-3 partitioned module, init
+        it on one rank and scatter it back, consuming the RNG in the same order as a plain run.
+        """
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_scaled", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            if not (module is self.lm_head and self.config.tie_embeddings):
+                nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            self.init_module_(m)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ):
+        """Logits (B, T, V), or the mean cross-entropy over labels != -100 when labels are given.
+
+        input_ids, labels, position_ids: (B, T). attn_mask: optional boolean (B, 1, T, T) "may
+        attend" mask that already includes causality (used for packed documents).
+        """
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.wte(input_ids)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
+            x = x + self.wpe(pos)
+        elif self.config.pos == "rotary":
+            if position_ids is None:
+                rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
+            else:  # per-sample positions: (B, 1, T, hd) tables broadcast over heads
+                rope = (self.rope_cos[position_ids][:, None].to(x.dtype), self.rope_sin[position_ids][:, None].to(x.dtype))
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if labels is None:
+            return logits
+        # fp32 cross-entropy: bf16 logits lose too much precision in the log-sum-exp
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    # -- accounting -----------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Distinct parameters (a tied embedding counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def matmul_params(self) -> int:
+        """Parameters used in matmuls: every Linear weight, the LM head included (tied or not);
+        lookup embeddings excluded. The N of the PaLM FLOPs formula (DESIGN.md)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12 L H Q T (PaLM appendix B; causal mask not discounted)."""
+        c = self.config
+        return 6 * self.matmul_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+
+def gpt_config_from_preset(preset: str | None, vocab_size: int, **overrides) -> GPTConfig:
+    """A GPTConfig from a named preset plus explicit field overrides (None values ignored)."""
+    base = dict(PRESETS[preset]) if preset else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return GPTConfig(vocab_size=vocab_size, **base)
+
+
+def config_dict(cfg: GPTConfig) -> dict:
+    return asdict(cfg)

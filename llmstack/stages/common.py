@@ -1,0 +1,138 @@
+"""Build steps every training stage shares: tokenizer, run directory, model, engine, resume.
+
+Each function takes plain arguments (or one config section), so a stage recipe reads as a list of
+calls: tokenizer -> model (under ZeRO-3 init) -> engine -> data -> loop.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_pipeline import sources as data_sources
+from data_pipeline import tokenizer as tokenization
+from llmstack.config import SourceConfig, TokenizerConfig, to_yaml
+from llmstack.dist import deepspeed as ds
+from llmstack.dist import env
+from llmstack.errors import UsageError
+from llmstack.models.gpt import GPT, GPTConfig, gpt_config_from_preset
+from llmstack.train import checkpoint as ckpt
+
+
+def source_texts(sources: list[SourceConfig]):
+    """Texts of every source, in order (one pass, streamed)."""
+    for src in sources:
+        try:
+            yield from data_sources.iter_texts(src.path, text_field=src.text_field)
+        except FileNotFoundError as e:
+            raise UsageError(f"data source not found: {e}") from None
+        except ValueError as e:
+            raise UsageError(f"bad data source {src.path}: {e}") from None
+
+
+def train_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
+    """Train and save a tokenizer as the config says; returns the loaded tokenizer."""
+    srcs = tok.train_sources or default_sources
+    t0 = time.perf_counter()
+    env.print0(f"training {tok.kind} tokenizer (vocab {tok.vocab_size}) on {', '.join(s.path for s in srcs)} -> {tok.path}")
+    try:
+        out = tokenization.train_tokenizer(
+            source_texts(srcs), tok.path, kind=tok.kind, vocab_size=tok.vocab_size,
+            min_frequency=tok.min_frequency, num_sentinels=tok.num_sentinels, max_chars=tok.max_chars,
+        )
+    except ValueError as e:
+        raise UsageError(f"tokenizer: {e}") from None
+    env.print0(f"tokenizer: {out.vocab_size} tokens, hash {out.hash}, {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def ensure_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
+    """Load tokenizer.path; if it does not exist yet, train it first (rank 0, others wait) and cache it."""
+    with env.rank0_first():
+        if not (Path(tok.path) / "tokenizer.json").is_file():
+            if not env.is_main():  # rank 0 failed to create it: its error is the one to read
+                raise UsageError(f"tokenizer {tok.path} was not created")
+            train_tokenizer(tok, default_sources)
+        return tokenization.load_tokenizer(tok.path)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def prepare_run_dir(run_dir: Path, cfg, tokenizer_hash: str, extra: dict | None = None) -> None:
+    """Rank 0 records the resolved config, code revision and tokenizer hash in the run directory."""
+    if not env.is_main():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    info = {"git_revision": git_revision(), "tokenizer_hash": tokenizer_hash, "argv": sys.argv,
+            "world_size": env.world_size(), "torch": torch.__version__, **(extra or {})}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def gpt_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpointing: bool) -> GPTConfig:
+    """The model architecture from the config's model section; errors name the config keys."""
+    try:
+        arch = gpt_config_from_preset(model_cfg.preset, vocab_size, **model_cfg.arch_fields(),
+                                      activation_checkpointing=activation_checkpointing)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"model: {e}") from None
+    if arch.max_seq_len < seq_len:
+        raise UsageError(f"data.seq_len={seq_len} exceeds model.max_seq_len={arch.max_seq_len}")
+    return arch
+
+
+def build_model(arch: GPTConfig, ds_config: dict, zero_stage: int, seed: int) -> GPT:
+    """Construct (partitioned under ZeRO-3) and initialise; identical weights for every stage/world."""
+    torch.manual_seed(seed)
+    with ds.model_init_context(ds_config, zero_stage):
+        model = GPT(arch)
+    torch.manual_seed(seed)
+    ds.init_weights(model, model.init_module_, zero_stage)
+    return model
+
+
+def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: str) -> Path:
+    """Start from another run's checkpoint weights (model.init): same tokenizer required."""
+    src = ckpt.resolve(init_path)
+    meta = ckpt.read_meta(src)
+    check_tokenizer(meta.get("tokenizer_hash"), tokenizer_hash, src)
+    ds.load_state_dict_into(model, ds.consolidated_state_dict(src), zero_stage)
+    return src
+
+
+def check_tokenizer(saved: str | None, current: str, where) -> None:
+    if saved and saved != current:
+        raise UsageError(
+            f"tokenizer mismatch: {where} was made with tokenizer {saved}, the config's tokenizer is {current}; "
+            "set tokenizer.path to the tokenizer of that checkpoint"
+        )
+
+
+def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
+    """`auto`: the newest complete checkpoint if any; `none`: start fresh; else the given path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return ckpt.find_resume(ckpt_root)
+    return ckpt.resolve(resume)
+
+
+def peak_flops(precision: str) -> float:
+    """FLOP/s that MFU divides by: vendor peak on known GPUs, else a matmul peak measured now."""
+    from llmstack.train.metrics import measure_matmul_peak, vendor_peak
+
+    dev = env.device()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return vendor_peak(dev, precision) or measure_matmul_peak(dev, dtype, seconds=0.3)

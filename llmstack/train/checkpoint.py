@@ -1,0 +1,153 @@
+"""Checkpoints that survive faults: temp dir, then rename, then the `latest` pointer.
+
+Layout under `run.dir/checkpoints/`:
+    step_<N>/              a complete checkpoint (DeepSpeed files + meta.json + rng_rank<R>.pt)
+    .tmp_step_<N>/         a checkpoint being written; ignored and cleaned up by later runs
+    latest                 text file naming the newest complete tag (DeepSpeed's convention,
+                           so DeepSpeed's own tools read it too); replaced atomically
+A directory is renamed to step_<N> only after every rank has written its files, so any
+step_<N> that exists is complete; `resume=auto` takes `latest`, or the newest step_<N>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmstack.dist import deepspeed as ds
+from llmstack.dist import env
+from llmstack.errors import UsageError
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+META = "meta.json"
+# Test hook: SIGKILL this process after the files of checkpoint step N are written but before the
+# rename, i.e. the worst moment for a crash. Used by the fault-tolerance test.
+FAULT_ENV = "LLMSTACK_FAULT_KILL_IN_SAVE"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(out)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a user path: step_N/, a `latest` file, or a checkpoints/ or run dir."""
+    p = Path(path)
+    if p.name == "latest" and p.is_file():
+        return p.parent / p.read_text().strip()
+    if p.is_dir() and (p / META).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / "latest").is_file():
+            return resolve(root / "latest")
+        if steps := step_dirs(root):
+            return steps[-1][1]
+    if not p.exists():
+        raise UsageError(f"checkpoint not found: {p}")
+    raise UsageError(f"{p} is not a checkpoint (expected step_N/ with {META}, a latest file, or a run dir)")
+
+
+def find_resume(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (latest first, then the highest step_N), or None."""
+    latest = root / "latest"
+    if latest.is_file():
+        cand = root / latest.read_text().strip()
+        if (cand / META).is_file():
+            return cand
+    steps = [(n, p) for n, p in step_dirs(root) if (p / META).is_file()]
+    return steps[-1][1] if steps else None
+
+
+def save(engine, root: Path, step: int, meta: dict, client_state: dict, keep_last: int) -> Path:
+    """Write checkpoint step_<step> atomically. Every rank calls this."""
+    tag = f"step_{step}"
+    tmp, final = root / f".tmp_{tag}", root / tag
+    if env.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
+    env.barrier()
+    ds.save_engine(engine, root, tmp.name, client_state)
+    torch.save(rng_state(), tmp / f"rng_rank{env.rank()}.pt")
+    env.barrier()
+    if os.environ.get(FAULT_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if env.is_main():
+        _write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
+        if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", tag)
+        for _, old in step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    env.barrier()
+    return final
+
+
+def load(engine, ckpt: Path, *, load_optimizer: bool = True, restore_rng: bool = True) -> tuple[dict, dict]:
+    """Restore engine (and this rank's RNG) from a checkpoint dir; returns (meta, client_state)."""
+    meta_file = ckpt / META
+    if not meta_file.is_file():
+        raise UsageError(f"{ckpt} is not a complete checkpoint (no {META})")
+    meta = json.loads(meta_file.read_text())
+    client = ds.load_engine(engine, ckpt.parent, ckpt.name, load_optimizer=load_optimizer)
+    rng_file = ckpt / f"rng_rank{env.rank()}.pt"
+    if restore_rng and rng_file.is_file() and meta.get("world_size") == env.world_size():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta, client
+
+
+def read_meta(ckpt: Path) -> dict:
+    meta_file = Path(ckpt) / META
+    if not meta_file.is_file():
+        raise UsageError(f"{ckpt} is not a complete checkpoint (no {META})")
+    return json.loads(meta_file.read_text())

@@ -1,0 +1,96 @@
+"""Run metrics: metrics.jsonl, TensorBoard, a progress bar, and the FLOPs peak that MFU divides by."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Vendor dense peaks (FLOP/s) for MFU on GPUs (DESIGN.md "Measuring speed").
+VENDOR_PEAK = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12}, "A100": {"bf16": 312e12, "fp32": 19.5e12}}
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5, n: int = 1024) -> float:
+    """Dense matmul FLOP/s measured now on this device: the best of short timed bursts of n x n matmuls."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm up kernels / thread pool
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def vendor_peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    key = "bf16" if precision in ("bf16", "fp16") else "fp32"
+    return next((p[key] for k, p in VENDOR_PEAK.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only rank 0 writes; other ranks get a logger whose methods do nothing.
+    """
+
+    def __init__(self, run_dir: Path | None, *, total_steps: int, start_step: int, progress: bool):
+        self.enabled = run_dir is not None
+        self.bar = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+            self.tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0, disable=None)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+        if self.bar is not None:
+            shown = {k: record[k] for k in ("loss", "val_loss", "lr", "tokens_per_s", "mfu") if k in record}
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+        elif "loss" in record:  # no bar: one plain line per logged step
+            print(
+                f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                f"tok/s {record.get('tokens_per_s', 0):.0f} mfu {100 * record.get('mfu', 0):.1f}%",
+                flush=True,
+            )
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
