@@ -1,0 +1,141 @@
+"""Real multi-process DeepSpeed runs on CPU (gloo): ZeRO equivalence, exact resume, faults, two nodes.
+
+All runs use the same tiny model, seed and global batch of 8 sequences: one process with micro
+batch 4 x accumulation 2, two processes with micro batch 4 each. Runs are memoised per module so
+one launch serves several assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import BIN, REPO, TINY, child_env, free_port, losses, pretrain, run_cmd
+
+pytestmark = pytest.mark.slow
+
+ONE_PROC = ["train.micro_batch=4", "train.grad_accum=2"]
+TWO_PROC = ["train.micro_batch=4", "train.grad_accum=1"]
+
+
+class Runs:
+    """Launch each named run once; later requests reuse its run directory."""
+
+    def __init__(self, tmp, tok):
+        self.tmp, self.tok, self.done = tmp, tok, {}
+
+    def get(self, name, *overrides, nprocs=1):
+        if name not in self.done:
+            launcher = "deepspeed" if nprocs > 1 else "python"
+            _, run_dir = pretrain(self.tmp, self.tok, name, *overrides, nprocs=nprocs, launcher=launcher)
+            self.done[name] = run_dir
+        return self.done[name]
+
+    def straight_1p(self):
+        return self.get("1p-straight", "zero.stage=0", "train.max_steps=20", *ONE_PROC)
+
+    def straight_2p(self, stage):
+        # every run spans 20 steps: max_steps shapes the LR schedule, so it must be the same everywhere
+        return self.get(f"2p-zero{stage}", f"zero.stage={stage}", "train.max_steps=20", *TWO_PROC, nprocs=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    return Runs(tmp_path_factory.mktemp("runs"), tokenizer_dir)
+
+
+def assert_close(a: dict, b: dict, steps, rel: float):
+    for s in steps:
+        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"step {s}: {a[s]!r} vs {b[s]!r} (rel {abs(a[s] - b[s]) / abs(b[s]):.2e})"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_process_zero_matches_one_process(runs, stage):
+    ref = losses(runs.straight_1p())
+    two = losses(runs.straight_2p(stage))
+    assert len(two) >= 10
+    assert_close(two, ref, range(1, 11), rel=1e-5)
+    # and training actually happened: the loss moved
+    assert ref[10] < ref[1]
+
+
+def test_resume_exact_one_process(runs, tmp_path_factory):
+    ref = losses(runs.straight_1p())
+    tmp = runs.tmp
+    common = ["zero.stage=0", "train.max_steps=20", *ONE_PROC]
+    _, run_dir = pretrain(tmp, runs.tok, "1p-resume", *common, "train.stop_at=10")
+    assert max(losses(run_dir)) == 10
+    _, run_dir = pretrain(tmp, runs.tok, "1p-resume", *common)  # train.resume=auto
+    resumed = losses(run_dir)
+    for s in range(1, 21):
+        assert resumed[s] == ref[s], f"step {s}: resumed {resumed[s]!r} != straight {ref[s]!r}"
+
+
+def test_resume_exact_two_processes_zero2(runs):
+    ref = losses(runs.straight_2p(2))
+    common = ["zero.stage=2", "train.max_steps=20", *TWO_PROC]
+    runs.get("2p-resume-a", *common, "train.stop_at=10", nprocs=2)
+    _, run_dir = pretrain(runs.tmp, runs.tok, "2p-resume-a", *common, nprocs=2, launcher="deepspeed")
+    resumed = losses(run_dir)
+    for s in range(1, 21):
+        assert resumed[s] == ref[s], f"step {s}: resumed {resumed[s]!r} != straight {ref[s]!r}"
+
+
+def test_sigkill_during_checkpoint_keeps_previous(runs):
+    ref = losses(runs.straight_1p())
+    common = ["zero.stage=0", "train.max_steps=20", "train.save_every=5", *ONE_PROC]
+    proc, run_dir = pretrain(runs.tmp, runs.tok, "1p-killed", *common, check=False,
+                             env=child_env(LLMSTACK_FAULT_KILL_IN_SAVE=10))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".tmp_step_10").is_dir(), "the killed save should have left its temp dir"
+    assert not (ckpts / "step_10").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_5"
+    # resume=auto picks step_5 and continues exactly like the uninterrupted run
+    proc, run_dir = pretrain(runs.tmp, runs.tok, "1p-killed", *common)
+    assert "resumed from" in proc.stdout and "step_5" in proc.stdout
+    resumed = losses(run_dir)
+    for s in range(6, 21):
+        assert resumed[s] == ref[s], f"step {s}: {resumed[s]!r} != {ref[s]!r}"
+    assert not (ckpts / ".tmp_step_10").exists(), "stale temp checkpoint should be cleaned up"
+    assert json.loads((ckpts / "step_20" / "meta.json").read_text())["step"] == 20
+
+
+def test_two_nodes_one_machine_matches_single_node(runs, tmp_path):
+    """The deepspeed launcher started twice (node_rank 0 and 1, --no_ssh) with a hostfile."""
+    ref = losses(runs.straight_2p(2))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    run_dir = tmp_path / "2node"
+    port = free_port()
+    args = ["pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), *TINY, f"run.dir={run_dir}",
+            f"tokenizer.path={runs.tok}", "zero.stage=2", "train.max_steps=20", "train.stop_at=10", *TWO_PROC]
+    procs = [
+        subprocess.Popen([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "llmstack", *args],
+                         cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "world 2" in outs[0]
+    assert_close(losses(run_dir), ref, range(1, 11), rel=1e-5)
+
+
+def test_resume_refuses_other_tokenizer(runs, tmp_path):
+    """A checkpoint made with one tokenizer is not resumed with another (exit 2, clear message)."""
+    from data_pipeline.sources import builtin_texts
+    from data_pipeline.tokenizer import train_tokenizer
+
+    other = tmp_path / "other-tok"
+    train_tokenizer(builtin_texts("train"), other, kind="bpe", vocab_size=1088, num_sentinels=0, max_chars=500_000)
+    src = runs.straight_1p()
+    proc = run_cmd([str(BIN / "python"), "-m", "llmstack", "pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"),
+                    *TINY, f"run.dir={src}", f"tokenizer.path={other}", "train.max_steps=30", *ONE_PROC],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "tokenizer mismatch" in proc.stderr

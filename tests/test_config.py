@@ -1,0 +1,106 @@
+"""Config schema: presets validate, precedence is defaults < YAML < CLI, bad input exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmstack.config import SCHEMAS, PretrainConfig, load_config
+from llmstack.errors import ConfigError
+from tests.conftest import REPO, child_env
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def schema_for(path: Path):
+    return SCHEMAS["tokenizer"] if path.parent.name == "tokenizer" else SCHEMAS["pretrain"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_yaml_in_configs_validates(path):
+    cfg = load_config(schema_for(path), str(path))
+    # the file's own values won (nothing silently dropped): every leaf in the YAML is in the result
+    dumped = cfg.model_dump(mode="json")
+
+    def leaves(d, prefix=()):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "deepspeed":
+                yield from leaves(v, prefix + (k,))
+            else:
+                yield prefix + (k,), v
+
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        node = dumped
+        for k in key:
+            node = node[k]
+        if isinstance(value, list):
+            value = [{"weight": 1.0, "text_field": "text", **v} if isinstance(v, dict) else v for v in value]
+        assert node == value, f"{path}: {'.'.join(key)}"
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 50\n  lr: 0.01\n")
+    default = PretrainConfig()
+    cfg = load_config(PretrainConfig, str(f), ["train.lr=0.5"])
+    assert cfg.train.max_steps == 50  # YAML beats default
+    assert cfg.train.lr == 0.5  # CLI beats YAML
+    assert cfg.train.micro_batch == default.train.micro_batch  # untouched default stays
+    cfg = load_config(PretrainConfig, None, ["data.sources=[{path: a.jsonl, weight: 0.7}, {path: b.txt, weight: 0.3}]"])
+    assert [s.weight for s in cfg.data.sources] == [0.7, 0.3]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_stepz=3", "train.max_stepz: unknown key (allowed here: max_steps"),
+    ("modell.preset=x", "modell: unknown key"),
+    ("train.max_steps=abc", "train.max_steps: Input should be a valid integer"),
+    ("zero.stage=5", "zero.stage: Input should be 0, 1, 2 or 3"),
+    ("precision=fp8", "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+    ("model.preset=gpt5", "unknown preset 'gpt5'"),
+    ("zero.offload_params=true", "zero.offload_params needs zero.stage=3"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, str(REPO / "configs/pretrain/gpt-tiny.yaml"), [override])
+    assert needle in str(e.value)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "llmstack", *args], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_key_and_wrong_type_exit_2(tmp_path):
+    cfg = str(REPO / "configs/pretrain/gpt-tiny.yaml")
+    for bad, needle in [("train.max_stepz=3", "unknown key"), ("train.lr=fast", "train.lr")]:
+        p = run_cli("pretrain", cfg, bad, cwd=tmp_path)
+        assert p.returncode == 2, p.stderr
+        assert needle in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("pretrain", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert p.returncode == 2 and "config file not found" in p.stderr
+
+
+def test_cli_batch_arithmetic_exit_2(tmp_path):
+    p = run_cli("pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), "train.global_batch=12", "--dry-run", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "train.global_batch=12 is not divisible" in p.stderr
+
+
+def test_dry_run_prints_resolved_and_deepspeed_config(tmp_path):
+    p = run_cli("pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), "train.max_steps=200", "zero.stage=3",
+                "--dry-run", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "max_steps: 200" in p.stdout
+    assert '"stage": 3' in p.stdout and '"train_micro_batch_size_per_gpu": 8' in p.stdout
+    assert "parameters" in p.stdout
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+def test_help_on_every_command(tmp_path):
+    for args in (["--help"], ["pretrain", "--help"], ["tokenizer", "train", "--help"], ["quickstart", "--help"]):
+        p = run_cli(*args, cwd=tmp_path)
+        assert p.returncode == 0 and "usage:" in p.stdout
