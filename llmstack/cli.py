@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "Causal-LM pretraining. Trains the config's tokenizer first if it does not exist. Resumes from "
                 "the newest complete checkpoint by default (train.resume=auto).")
 
+    ck = sub.add_parser("checkpoint", help="checkpoint tools", description="Checkpoint tools.")
+    ck_sub = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cons = ck_sub.add_parser("consolidate", help="one fp32 model file from a checkpoint of any ZeRO stage",
+                             description="Gather a (possibly ZeRO-partitioned) checkpoint into OUT/model.safetensors "
+                             "plus OUT/llmstack_model.json (architecture, tokenizer hash, step).")
+    cons.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
+    cons.add_argument("--out", required=True, help="output directory")
+
     qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
                         description="Train a tiny tokenizer and a tiny GPT on the builtin corpus (the Python "
                         "standard library's docstrings and comments) and report validation loss against the "
@@ -102,6 +110,11 @@ def _dispatch(args) -> int:
             pretrain.dry_run(cfg)
             return 0
         pretrain.run(cfg)
+        return 0
+    if args.command == "checkpoint":
+        from llmstack.train.checkpoint import consolidate
+
+        print(f"wrote {consolidate(args.checkpoint, args.out)}")
         return 0
     if args.command == "quickstart":
         from llmstack.stages import quickstart

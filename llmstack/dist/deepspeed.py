@@ -214,15 +214,18 @@ def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True) ->
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """One fp32 state dict from a checkpoint directory of any ZeRO stage and world size."""
+    """One fp32 state dict from a checkpoint directory of any ZeRO stage and world size.
+
+    ZeRO 1-3 checkpoints are gathered from the per-rank fp32 optimizer partitions (DeepSpeed's
+    zero_to_fp32, which also covers bf16 runs); stage 0 stores the whole module in one file.
+    """
     ckpt_dir = Path(ckpt_dir)
-    model_file = ckpt_dir / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise UsageError(f"{ckpt_dir} is not a checkpoint (no mp_rank_00_model_states.pt)")
-    if any(ckpt_dir.glob("*optim_states.pt")) and any(ckpt_dir.glob("zero_pp_rank_*")):
+    if any(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    elif (ckpt_dir / "mp_rank_00_model_states.pt").is_file():
+        sd = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
-        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        raise UsageError(f"{ckpt_dir} is not a DeepSpeed checkpoint (no model or optimizer state files)")
     return {k: v.float() for k, v in sd.items()}

@@ -151,3 +151,38 @@ def read_meta(ckpt: Path) -> dict:
     if not meta_file.is_file():
         raise UsageError(f"{ckpt} is not a complete checkpoint (no {META})")
     return json.loads(meta_file.read_text())
+
+
+def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Write one checkpoint (any ZeRO stage, any world size) as a single fp32 model file.
+
+    out_dir gets `model.safetensors` (a tied output embedding is stored once, as safetensors
+    requires), and `llmstack_model.json` with the architecture, tokenizer hash and source step.
+    """
+    from safetensors.torch import save_file
+
+    src = resolve(ckpt)
+    meta = read_meta(src)
+    state = ds.consolidated_state_dict(src)
+    if meta.get("model", {}).get("tie_embeddings"):
+        state.pop("lm_head.weight", None)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    info = {k: meta.get(k) for k in ("model_family", "model", "tokenizer_hash", "tokenizer_path", "step", "tokens")}
+    (tmp / "llmstack_model.json").write_text(json.dumps({**info, "source": str(src)}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_consolidated(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(info, state dict) of a directory written by `consolidate`."""
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    if not (d / "model.safetensors").is_file():
+        raise UsageError(f"{d} has no model.safetensors (make one with `llmstack checkpoint consolidate`)")
+    return json.loads((d / "llmstack_model.json").read_text()), load_file(str(d / "model.safetensors"))

@@ -57,11 +57,12 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
             self.tb = None
-        if progress:
+        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0, disable=None)
+                            file=sys.stderr, mininterval=1.0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -75,10 +76,13 @@ class MetricsLogger:
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "val_loss", "lr", "tokens_per_s", "mfu") if k in record}
             self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
-        elif "loss" in record:  # no bar: one plain line per logged step
+        elif "loss" in record:  # no terminal for a bar (logs, CI): one plain line per logged step
+            step = record["step"]
+            eta = (time.perf_counter() - self.t0) / max(1, step - self.start) * (self.total - step)
+            val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
             print(
-                f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                f"tok/s {record.get('tokens_per_s', 0):.0f} mfu {100 * record.get('mfu', 0):.1f}%",
+                f"step {step}/{self.total} loss {record['loss']:.4f}{val} lr {record['lr']:.3g} "
+                f"tok/s {record.get('tokens_per_s', 0):.0f} mfu {100 * record.get('mfu', 0):.1f}% eta {eta:.0f}s",
                 flush=True,
             )
 
