@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,12 +390,14 @@ def train_tokenizer(
         if tok.token_to_id(t) != i:
             raise RuntimeError(f"special token {t} got id {tok.token_to_id(t)}, expected {i}")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Written into a temp dir and renamed into place, so an interrupted save never leaves a
+    # half-written tokenizer that a later run would take for a cached one.
+    final = Path(out_dir)
+    out = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     if proto is not None:
         (out / SP_MODEL_FILE).write_bytes(proto)
-    elif (out / SP_MODEL_FILE).exists():
-        (out / SP_MODEL_FILE).unlink()  # stale, from an earlier sentencepiece run in this dir
     _save_hf(tok, out, sp, reserved)
     meta = {
         "format": META_FORMAT,
@@ -415,7 +418,10 @@ def train_tokenizer(
         "hash": tokenizer_hash(out),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return Tokenizer(out)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return Tokenizer(final)
 
 
 def _save_hf(tok, out: Path, sp: SpecialTokens, reserved: list[str]) -> None:

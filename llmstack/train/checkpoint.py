@@ -171,7 +171,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    info = {k: meta.get(k) for k in ("model_family", "model", "tokenizer_hash", "tokenizer_path", "step", "tokens")}
+    info = {k: meta.get(k) for k in ("model_family", "model", "config", "tokenizer_hash", "tokenizer_path", "step", "tokens")}
     (tmp / "llmstack_model.json").write_text(json.dumps({**info, "source": str(src)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -186,3 +186,35 @@ def load_consolidated(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tens
     if not (d / "model.safetensors").is_file():
         raise UsageError(f"{d} has no model.safetensors (make one with `llmstack checkpoint consolidate`)")
     return json.loads((d / "llmstack_model.json").read_text()), load_file(str(d / "model.safetensors"))
+
+
+def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
+    """(model in eval mode, tokenizer, info) from a checkpoint (any ZeRO stage) or a consolidated dir.
+
+    The tokenizer is the one recorded with the checkpoint unless `tokenizer_path` is given; its
+    hash must match the checkpoint's either way.
+    """
+    from data_pipeline.tokenizer import load_tokenizer
+    from llmstack.models.gpt import GPT, GPTConfig
+
+    p = Path(path)
+    if (p / "llmstack_model.json").is_file():
+        info, state = load_consolidated(p)
+    else:
+        src = resolve(p)
+        info, state = read_meta(src), ds.consolidated_state_dict(src)
+    if info.get("model_family", "gpt") != "gpt":
+        raise UsageError(f"{path}: model family {info.get('model_family')!r} is not supported here")
+    tok_path = tokenizer_path or info.get("tokenizer_path")
+    if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
+        raise UsageError(f"tokenizer of {path} not found at {tok_path!r}; pass its directory explicitly")
+    tokenizer = load_tokenizer(tok_path)
+    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer.hash:
+        raise UsageError(f"tokenizer mismatch: {path} was trained with tokenizer {info['tokenizer_hash']}, "
+                         f"{tok_path} is {tokenizer.hash}")
+    arch = dict(info["model"], activation_checkpointing=False)
+    model = GPT(GPTConfig(**arch))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and arch.get("tie_embeddings"))]:
+        raise UsageError(f"{path}: weights do not fit the recorded architecture ({missing[:3]}, {unexpected[:3]})")
+    return model.eval(), tokenizer, info

@@ -182,3 +182,31 @@ def test_zero3_offload_bf16_activation_checkpointing_trains(runs, tmp_path):
     assert got[12] < got[1] - 0.2, got
     _, w = consolidated(run_dir, tmp_path / "c")
     assert all(v.dtype.is_floating_point and v.isfinite().all() for v in w.values())
+
+
+def test_eval_cli_perplexity_scores_every_token(runs, tmp_path):
+    """llmstack-eval ppl: every token after the first is scored once; checkpoint and consolidated agree."""
+    from data_pipeline.sources import builtin_texts
+    from data_pipeline.tokenizer import load_tokenizer
+
+    texts = [t for _, t in zip(range(3), builtin_texts("validation"))]
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    n_tokens = sum(len(load_tokenizer(runs.tok).encode(t)) + 1 for t in texts)  # + EOS per document
+    results = []
+    for model in (runs.straight_1p(), consolidated_dir(runs.straight_1p(), tmp_path / "c")):
+        out = tmp_path / f"r{len(results)}.json"
+        run_cmd([str(BIN / "llmstack-eval"), "--model", str(model), "--tasks", f"ppl:{data}", "--output", str(out)],
+                cwd=tmp_path)
+        results.append(json.loads(out.read_text())["tasks"][f"ppl:{data}"])
+    assert results[0]["tokens_scored"] == n_tokens - 1
+    assert results[0]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-6)
+    bad = run_cmd([str(BIN / "llmstack-eval"), "--model", str(runs.straight_1p()), "--tasks", "ppl:missing.jsonl"],
+                  cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
+def consolidated_dir(run_dir, out):
+    from llmstack.train.checkpoint import consolidate
+
+    return consolidate(run_dir, out)
