@@ -77,7 +77,11 @@ def run(cfg: PretrainConfig) -> dict:
     arch = common.gpt_config(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
     resume_from = common.find_resume_checkpoint(t.resume, ckpt_root)
     if resume_from is not None:
-        common.check_tokenizer(ckpt.read_meta(resume_from).get("tokenizer_hash"), tokenizer.hash, resume_from)
+        saved = ckpt.read_meta(resume_from)
+        common.check_tokenizer(saved.get("tokenizer_hash"), tokenizer.hash, resume_from)
+        if saved.get("zero_stage", 0) > 0 and saved.get("world_size") != world:
+            raise UsageError(f"{resume_from} holds ZeRO-{saved['zero_stage']} partitions of {saved.get('world_size')} "
+                             f"processes; this run has {world}. Resume with the same number of processes.")
 
     model = common.build_model(arch, ds_config, cfg.zero.stage, cfg.seed)
     if cfg.model.init and resume_from is None:

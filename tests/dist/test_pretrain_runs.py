@@ -150,9 +150,9 @@ def test_torchrun_matches_deepspeed_launcher(runs):
 
 
 def consolidated(run_dir, out):
-    from llmstack.train.checkpoint import consolidate, load_consolidated
+    from llmstack.train.checkpoint import load_consolidated
 
-    return load_consolidated(consolidate(run_dir, out))
+    return load_consolidated(consolidated_dir(run_dir, out))
 
 
 def test_consolidated_zero3_checkpoint_equals_other_stages(runs, tmp_path):
@@ -210,3 +210,12 @@ def consolidated_dir(run_dir, out):
     from llmstack.train.checkpoint import consolidate
 
     return consolidate(run_dir, out)
+
+
+def test_resume_on_other_world_size_is_refused_clearly(runs, tmp_path):
+    src = runs.straight_2p(2)  # ZeRO-2, two processes
+    proc = run_cmd([str(BIN / "python"), "-m", "llmstack", "pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"),
+                    *TINY, f"run.dir={src}", f"tokenizer.path={runs.tok}", "zero.stage=2", "train.max_steps=30",
+                    *ONE_PROC], cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ZeRO-2 partitions of 2 processes; this run has 1" in proc.stderr
