@@ -18,10 +18,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from llmstack.models.layers import GatedMLP, MLP, apply_rotary, attention, make_norm, rotary_tables, swiglu_hidden
+from llmstack.models.layers import (
+    GatedMLP,
+    MLP,
+    apply_rotary,
+    attention,
+    linear_cross_entropy,
+    make_norm,
+    rotary_tables,
+    swiglu_hidden,
+)
 
 
 @dataclass
@@ -115,6 +123,21 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the mean cross-entropy instead of logits.
+
+    Still an nn.Linear (same `lm_head.weight`, same init and accounting). The loss goes through
+    this module's forward, not through `self.lm_head.weight` used from outside, so that ZeRO-3's
+    module hooks gather the (tied) weight for it. With labels it uses the fused, chunked
+    `linear_cross_entropy`, which never materialises the (B, T, V) logits (see layers.py).
+    """
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, ignore_index=-100)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -141,7 +164,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # the same Parameter in two modules (as HF does): each module's forward sees it, so
             # ZeRO-3 gathers it for both the lookup and the output projection.
@@ -211,11 +234,11 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, attn_mask)
         x = self.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
         if labels is None:
-            return logits
-        # fp32 cross-entropy: bf16 logits lose too much precision in the log-sum-exp
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+            return self.lm_head(x)  # logits (B, T, V)
+        # = F.cross_entropy(logits.float(), labels, ignore_index=-100), computed in cache-sized
+        # chunks with the softmax in fp32 (bf16 logits lose too much precision in the log-sum-exp)
+        return self.lm_head(x, labels)
 
     # -- accounting -----------------------------------------------------------------------
     def num_params(self) -> int:

@@ -1,0 +1,38 @@
+"""The fused, chunked LM-head cross-entropy equals the plain F.cross_entropy path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmstack.models import layers
+
+
+@pytest.mark.parametrize("n_rows,chunk_elems", [(37, 1 << 22), (300, 64 * 50)])  # one chunk; many uneven chunks
+def test_linear_cross_entropy_matches_plain_path(monkeypatch, n_rows, chunk_elems):
+    monkeypatch.setitem(layers._CE_CHUNK_ELEMS, "cpu", chunk_elems)
+    torch.manual_seed(0)
+    C, V = 16, 50
+    x = torch.randn(n_rows, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    labels = torch.randint(0, V, (n_rows,))
+    labels[::7] = -100  # ignored positions carry no loss and no gradient
+    fused = layers.linear_cross_entropy(x, w, labels)
+    (fused * 3.0).backward()  # a non-unit upstream gradient, as loss scaling / accumulation give
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    plain = F.cross_entropy(x @ w.t(), labels, ignore_index=-100)
+    (plain * 3.0).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(gx[::7] == 0)
+
+
+def test_linear_cross_entropy_no_grad_and_all_ignored():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    with torch.no_grad():
+        out = layers.linear_cross_entropy(x, w, torch.tensor([1, 2, 3, 4]))
+    torch.testing.assert_close(out, F.cross_entropy(x @ w.t(), torch.tensor([1, 2, 3, 4])))
+    assert torch.isnan(layers.linear_cross_entropy(x, w, torch.full((4,), -100)))
