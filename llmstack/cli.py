@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "plus OUT/llmstack_model.json (architecture, tokenizer hash, step).")
     cons.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
     cons.add_argument("--out", required=True, help="output directory")
+    rs = ck_sub.add_parser("reshape", help="make a ZeRO checkpoint resumable on any number of processes",
+                           description="Convert a ZeRO 1-3 checkpoint to DeepSpeed's universal format, written "
+                           "beside it as <step_N>_universal/. Resume on any world size with "
+                           "train.resume=<that dir> (same global batch: micro_batch x grad_accum x world).")
+    rs.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
+    rs.add_argument("--out", help="output directory (default: beside the checkpoint)")
 
     qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
                         description="Train a tiny tokenizer and a tiny GPT on the builtin corpus (the Python "
@@ -88,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or a fault: keep the traceback, and say which process it was
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        import socket
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: rank {os.environ.get('RANK')} on host {socket.gethostname()} failed: "
+              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # exit at once: a normal exit would wait in process-group teardown for peers that are
+        # themselves waiting for this rank; the launcher then stops the others.
+        os._exit(1)
 
 
 def _dispatch(args) -> int:
@@ -112,9 +130,12 @@ def _dispatch(args) -> int:
         pretrain.run(cfg)
         return 0
     if args.command == "checkpoint":
-        from llmstack.train.checkpoint import consolidate
+        from llmstack.train import checkpoint
 
-        print(f"wrote {consolidate(args.checkpoint, args.out)}")
+        if args.action == "reshape":
+            print(f"wrote {checkpoint.reshape(args.checkpoint, args.out)}")
+        else:
+            print(f"wrote {checkpoint.consolidate(args.checkpoint, args.out)}")
         return 0
     if args.command == "quickstart":
         from llmstack.stages import quickstart

@@ -203,13 +203,20 @@ def save_engine(engine, root: Path, tag: str, client_state: dict) -> None:
     engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
 
 
-def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True) -> dict:
+def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
     """Restore engine state from root/tag/ and return the client state saved with it."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     path, client = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
     )
     if path is None:
         raise UsageError(f"could not load DeepSpeed checkpoint {root / tag}")
+    if universal:
+        # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters onto every
+        # group, which would put weight decay on the no-decay group (norms, biases, embeddings).
+        # The groups' own values are the ones our config built; put them back.
+        for group, own in zip(engine.optimizer.param_groups, hyper):
+            group.update(own)
     return client or {}
 
 
@@ -229,3 +236,20 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     else:
         raise UsageError(f"{ckpt_dir} is not a DeepSpeed checkpoint (no model or optimizer state files)")
     return {k: v.float() for k, v in sd.items()}
+
+
+def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
+    """Convert a ZeRO checkpoint dir into DeepSpeed's universal format (loadable on any world size).
+
+    Runs DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) as a subprocess: it
+    parses its own argv and uses worker pools, neither of which belongs in our process.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(ckpt_dir), "--output_folder", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise UsageError(f"DeepSpeed could not convert {ckpt_dir} to a universal checkpoint:\n{tail}")

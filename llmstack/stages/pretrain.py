@@ -79,9 +79,12 @@ def run(cfg: PretrainConfig) -> dict:
     if resume_from is not None:
         saved = ckpt.read_meta(resume_from)
         common.check_tokenizer(saved.get("tokenizer_hash"), tokenizer.hash, resume_from)
-        if saved.get("zero_stage", 0) > 0 and saved.get("world_size") != world:
+        if saved.get("universal"):  # made by `llmstack checkpoint reshape`: loads on any world size
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        elif saved.get("zero_stage", 0) > 0 and saved.get("world_size") != world:
             raise UsageError(f"{resume_from} holds ZeRO-{saved['zero_stage']} partitions of {saved.get('world_size')} "
-                             f"processes; this run has {world}. Resume with the same number of processes.")
+                             f"processes; this run has {world}. Resume with the same number of processes, or "
+                             f"convert it first: llmstack checkpoint reshape {resume_from}")
 
     model = common.build_model(arch, ds_config, cfg.zero.stage, cfg.seed)
     if cfg.model.init and resume_from is None:

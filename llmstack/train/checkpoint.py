@@ -139,7 +139,8 @@ def load(engine, ckpt: Path, *, load_optimizer: bool = True, restore_rng: bool =
     if not meta_file.is_file():
         raise UsageError(f"{ckpt} is not a complete checkpoint (no {META})")
     meta = json.loads(meta_file.read_text())
-    client = ds.load_engine(engine, ckpt.parent, ckpt.name, load_optimizer=load_optimizer)
+    client = ds.load_engine(engine, ckpt.parent, ckpt.name, load_optimizer=load_optimizer,
+                            universal=bool(meta.get("universal")))
     rng_file = ckpt / f"rng_rank{env.rank()}.pt"
     if restore_rng and rng_file.is_file() and meta.get("world_size") == env.world_size():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -176,6 +177,31 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def reshape(ckpt: str | Path, out: str | Path | None = None) -> Path:
+    """Make a checkpoint resumable on any number of processes (DeepSpeed universal format).
+
+    Writes `<step_N>_universal/` beside the checkpoint (or `out`) atomically, with meta.json
+    marked `universal`; resume from it with `train.resume=<that path>`. Per-rank RNG states are
+    not carried over: they belong to the old ranks.
+    """
+    src = resolve(ckpt)
+    meta = read_meta(src)
+    if meta.get("universal"):
+        raise UsageError(f"{src} is already a universal checkpoint")
+    if meta.get("zero_stage", 0) == 0:
+        raise UsageError(f"{src} was written with ZeRO stage 0: it is not partitioned, every world size can load it")
+    final = Path(out) if out else src.parent / f"{src.name}_universal"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.to_universal(src, tmp)
+    _write_atomic(tmp / META, json.dumps({**meta, "universal": True, "source": str(src)}, indent=2, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if (final.parent / "latest_universal").is_file():  # the converter's pointer names the temp dir
+        _write_atomic(final.parent / "latest_universal", final.name)
+    return final
 
 
 def load_consolidated(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ step count, learning rate, gradient accumulation, logging, validation and checkp
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -55,6 +56,7 @@ def train_loop(
     learning-rate schedule still spans max_steps, so a resumed run continues the same curve.
     """
     end = min(max_steps, stop_at or max_steps)
+    fault_rank, fault_step = _injected_fault()
     dev = env.device()
     window_loss = torch.zeros((), dtype=torch.float64, device=dev)
     window_steps, window_time = 0, 0.0
@@ -65,6 +67,8 @@ def train_loop(
         lr = lr_fn(step)
         ds.set_lr(engine, lr)
         step_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        if step + 1 == fault_step and env.rank() == fault_rank:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) in step {step + 1}")
         for _ in range(grad_accum):
             batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
             loss = loss_fn(engine, batch)
@@ -100,6 +104,19 @@ def train_loop(
         if save_fn is not None and ((save_every and step % save_every == 0) or step == end):
             save_fn(step, tokens_seen)
     return LoopResult(step=step, tokens=tokens_seen, last_loss=last_loss, last_val_loss=last_val)
+
+
+# Test hook: "RANK:STEP" makes that rank raise in that step (1-based), to test that one failing
+# rank takes the whole job down promptly instead of leaving the others hanging in a collective.
+FAULT_ENV = "LLMSTACK_FAULT_RAISE_AT"
+
+
+def _injected_fault() -> tuple[int, int]:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return -1, -1
+    rank, step = spec.split(":")
+    return int(rank), int(step)
 
 
 @torch.no_grad()

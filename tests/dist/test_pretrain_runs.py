@@ -219,3 +219,32 @@ def test_resume_on_other_world_size_is_refused_clearly(runs, tmp_path):
                     *ONE_PROC], cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ZeRO-2 partitions of 2 processes; this run has 1" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_reshape_two_processes_then_resume_on_one(runs, stage):
+    """10 steps on 2 processes, `checkpoint reshape`, 10 more on 1 process: the losses equal the
+    two-process run continued without interruption (which equals a one-process run, see above)."""
+    ref = losses(runs.straight_2p(stage))
+    name = f"2p-z{stage}-reshape"
+    run_dir = runs.get(name, f"zero.stage={stage}", "train.max_steps=20", "train.stop_at=10", *TWO_PROC, nprocs=2)
+    run_cmd([str(BIN / "llmstack"), "checkpoint", "reshape", str(run_dir)], cwd=runs.tmp)
+    universal = run_dir / "checkpoints" / "step_10_universal"
+    assert json.loads((universal / "meta.json").read_text())["universal"] is True
+    proc, _ = pretrain(runs.tmp, runs.tok, name, f"zero.stage={stage}", "train.max_steps=20", *ONE_PROC,
+                       f"train.resume={universal}")
+    assert "world 1" in proc.stdout and "resumed from" in proc.stdout
+    assert_close(losses(run_dir), ref, range(11, 21), rel=1e-5)
+
+
+def test_failing_rank_ends_the_job_with_a_clear_message(runs, tmp_path):
+    import time
+
+    t0 = time.time()
+    proc, _ = pretrain(runs.tmp, runs.tok, "2p-fault", "zero.stage=2", "train.max_steps=20", "dist.timeout_s=60",
+                       *TWO_PROC, nprocs=2, launcher="deepspeed", check=False, env=child_env(LLMSTACK_FAULT_RAISE_AT="1:3"))
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "error: rank 1 on host" in out and "injected fault" in out
+    assert elapsed < 120, f"job took {elapsed:.0f}s to die"
