@@ -217,6 +217,13 @@ def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True, un
         # The groups' own values are the ones our config built; put them back.
         for group, own in zip(engine.optimizer.param_groups, hyper):
             group.update(own)
+        # It also gives every sub-group's Adam state the *same* `step` tensor object; torch's
+        # AdamW increments `step` in place once per sub-group, so the shared counter would
+        # advance several times per iteration and skew the bias correction. Un-alias them.
+        inner = getattr(engine.optimizer, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     return client or {}
 
 
