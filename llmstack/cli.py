@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
     rs.add_argument("--out", help="output directory (default: beside the checkpoint)")
 
+    pf = sub.add_parser("preflight", help="check every host of a hostfile before a multi-node launch",
+                        description="Probe each host of a DeepSpeed hostfile (locally, or over ssh with this Python) "
+                        "and print a table of Python/torch/CUDA/deepspeed/transformers/llmstack versions, GPUs and "
+                        "whether the rendezvous port is free on the first host. Exit 1 on any mismatch.")
+    pf.add_argument("--hostfile", required=True, help="'<host> slots=<N>' per line")
+    pf.add_argument("--port", type=int, default=29500, help="rendezvous port to check (default: %(default)s)")
+
     qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
                         description="Train a tiny tokenizer and a tiny GPT on the builtin corpus (the Python "
                         "standard library's docstrings and comments) and report validation loss against the "
@@ -137,6 +144,10 @@ def _dispatch(args) -> int:
         else:
             print(f"wrote {checkpoint.consolidate(args.checkpoint, args.out)}")
         return 0
+    if args.command == "preflight":
+        from llmstack.dist import preflight
+
+        return preflight.run(args.hostfile, args.port)
     if args.command == "quickstart":
         from llmstack.stages import quickstart
 
