@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
     rs.add_argument("--out", help="output directory (default: beside the checkpoint)")
 
+    pl = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, suggested micro-batch",
+                        description="Estimate parameters, FLOPs/token and memory per GPU (weights, gradients, optimizer "
+                        "states, activations with and without checkpointing, offload) for ZeRO 0-3 and suggest the "
+                        "largest micro-batch that fits. Exits 2 when no setting fits, before anything is launched.")
+    pl.add_argument("config", help="pretrain YAML config")
+    pl.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pl.add_argument("--gpus", type=int, required=True, help="data-parallel processes (GPUs in total)")
+    pl.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GB")
+
     pf = sub.add_parser("preflight", help="check every host of a hostfile before a multi-node launch",
                         description="Probe each host of a DeepSpeed hostfile (locally, or over ssh with this Python) "
                         "and print a table of Python/torch/CUDA/deepspeed/transformers/llmstack versions, GPUs and "
@@ -144,6 +153,10 @@ def _dispatch(args) -> int:
         else:
             print(f"wrote {checkpoint.consolidate(args.checkpoint, args.out)}")
         return 0
+    if args.command == "plan":
+        from llmstack.stages import plan
+
+        return plan.run(load_config(PretrainConfig, args.config, args.overrides), args.gpus, args.gpu_mem)
     if args.command == "preflight":
         from llmstack.dist import preflight
 

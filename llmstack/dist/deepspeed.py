@@ -165,6 +165,7 @@ def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *
     import deepspeed
 
     _quiet_deepspeed()
+    ds_config = size_buckets(ds_config, model)
     optimizer = None
     if "optimizer" not in ds_config:
         kw = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
@@ -176,6 +177,29 @@ def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *
         config=ds_config,
     )
     return engine
+
+
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket (elements)
+
+
+def bucket_elements(num_params: int) -> int:
+    """Bucket size for a model: DeepSpeed's default, but never larger than the model.
+
+    ZeRO 1-3 allocate their gradient bucket at full size up front (5e8 elements = 2 GB in fp32,
+    twice with overlap_comm) whatever the model's size; a bucket larger than all the gradients
+    only wastes memory.
+    """
+    return int(min(DEFAULT_BUCKET, max(num_params, 1)))
+
+
+def size_buckets(ds_config: dict, model: nn.Module) -> dict:
+    """ds_config with reduce/all-gather buckets sized to the model, unless the user set them."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage", 0) == 0:
+        return ds_config
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+    sized = {k: bucket_elements(n) for k in ("reduce_bucket_size", "allgather_bucket_size") if k not in zero}
+    return {**ds_config, "zero_optimization": {**zero, **sized}}
 
 
 def set_lr(engine, lr: float) -> None:
