@@ -1,283 +1,487 @@
-"""Text sources: the builtin demo corpus and minimal readers for txt / jsonl files.
+"""Document sources: local files and globs, Hugging Face datasets, token shards, the builtin corpus.
 
-The builtin corpus is real English prose that exists on every machine without a network: the
-docstrings and comments of the running interpreter's standard library. It is big enough (a
-few MB) to train a small tokenizer and a tiny language model, and it is deterministic for a given
-Python build, which makes it a good fixture for tests and for the quickstart.
+A source spec (``data.sources[].path``) resolves once, in the launching process, to an ordered
+list of *units* (files, or one dataset). A unit yields raw records lazily from a position and
+decodes one record into a document (text, or token ids for shards) only when asked, so a loader
+worker can walk past records it does not own without paying for UTF-8 decoding, JSON parsing or
+tokenization. Memory is one read buffer per open unit, whatever the corpus size.
 
-Design choices:
-- One document per module (docstrings and comment blocks in source order, joined by blank
-  lines), so document boundaries are meaningful for EOS insertion and packing.
-- The train/validation split is by module (a stable hash of the module name), so validation
-  text is never a near-copy of a training paragraph from the same file.
-- Extraction takes seconds, so it is cached as JSONL under ``$LLMSTACK_CACHE/corpus``. The cache
-  file is written to a temporary name and renamed with ``os.replace`` (atomic on POSIX), so when
-  several ranks start at once each either sees no file or a complete one; racing writers simply
-  produce identical content and the last rename wins.
+Spec forms:
+- ``builtin`` / ``builtin:train`` / ``builtin:validation``: the stdlib corpus (builtin.py).
+- a file or a glob (sorted) of ``.txt`` (the whole file is one document), ``.jsonl``,
+  ``.jsonl.gz``, ``.jsonl.zst`` (field ``text_field`` of each line), ``.parquet`` (column
+  ``text_field``).
+- a directory written by ``llmstack data prepare`` (token shards, see shards.py).
+- ``hf:NAME[:CONFIG]:SPLIT``: a Hugging Face dataset in streaming mode (``NAME`` may be a local
+  directory of data files); ``hf:DIR[:SPLIT]`` or a bare ``DIR``: a dataset saved with
+  ``save_to_disk``.
+
+Two kinds of unit, by whether a reader can jump to a position:
+- seekable (plain .jsonl/.txt by byte offset, builtin, save_to_disk datasets by row, shards by
+  document): the stream layer gives every stream its own contiguous region and each stream seeks
+  straight to it, so nothing is read twice and resuming is a seek.
+- sequential (.jsonl.gz, .jsonl.zst, .parquet, HF streaming): readable only front to back, so
+  records are dealt round-robin to streams by line/row index and each loader worker reads the
+  unit once, decoding only the records its streams own. Resuming skips lines without decoding.
+
+Bad input never raises a traceback and is never silent: a bad record raises :class:`BadRecord`
+from ``decode`` and a file-level problem (empty file, truncated or corrupt compressed stream,
+unreadable file, missing column) raises :class:`FileFault` at the position where reading
+stopped, after every readable record has been yielded. The caller either counts it in an
+:class:`ErrorLog` (``on_error=skip``) or raises :class:`DataError` naming file and line.
 """
 
 from __future__ import annotations
 
-import ast
 import glob as _glob
-import gzip
-import hashlib
-import io
 import json
 import os
-import sys
-import sysconfig
-import tempfile
-import textwrap
-import tokenize
-import warnings
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-# Bump when the extraction logic changes: it is part of the cache key, so old caches are ignored.
-EXTRACTOR_VERSION = 1
-SPLITS = ("train", "validation")
-VALIDATION_PERCENT = 5
-MIN_DOC_CHARS = 200
+from data_pipeline import builtin
+from data_pipeline.builtin import builtin_documents, builtin_texts, corpus_stats, split_of  # noqa: F401 (re-exported)
+from data_pipeline.errors import (  # noqa: F401 (re-exported: the data layer's error vocabulary)
+    ERROR_KINDS, BadRecord, DataError, ErrorLog, FileFault, line_at, location)
 
-# Any path component with one of these names excludes the file: third-party code and the
-# stdlib's own test suites (which are mostly code, fixtures and deliberately odd files).
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def _stdlib_dir() -> str:
-    """The standard library directory of the running interpreter (patched in tests)."""
-    return sysconfig.get_paths()["stdlib"]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LLMSTACK_CACHE", os.path.expanduser("~/.cache/llmstack")))
-
-
-def _cache_path(stdlib_dir: str) -> Path:
-    major, minor = sys.version_info[:2]
-    ident = f"{os.path.realpath(stdlib_dir)}|{sys.version}|{EXTRACTOR_VERSION}"
-    key = hashlib.sha1(ident.encode("utf-8")).hexdigest()[:12]
-    return _cache_root() / "corpus" / f"stdlib-py{major}{minor}-{key}.jsonl"
-
-
-def _module_files(stdlib_dir: str) -> list[tuple[str, str]]:
-    """(module name, file path) for every stdlib ``.py`` file we use, sorted by module name."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(stdlib_dir):
-        # Prune in place so os.walk never descends into site-packages or test suites.
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-        for name in filenames:
-            if name.endswith(".py"):
-                out.append(os.path.join(dirpath, name))
-    modules = []
-    for path in out:
-        rel = Path(os.path.relpath(path, stdlib_dir)).with_suffix("").parts
-        # Names that are not identifiers (e.g. config-3.11-x86_64-linux-gnu/python-config.py)
-        # are build scripts, not importable modules.
-        if not all(p.isidentifier() for p in rel):
-            continue
-        if rel[-1] == "__init__":
-            rel = rel[:-1]
-        if rel:
-            modules.append((".".join(rel), path))
-    return sorted(modules)
-
-
-def _comment_blocks(source: bytes) -> list[tuple[int, str]]:
-    """Runs of comments on consecutive lines as (first line, text with '#' stripped)."""
-    blocks: list[tuple[int, list[str]]] = []
-    last_row = -2
-    for tok in tokenize.tokenize(io.BytesIO(source).readline):
-        if tok.type != tokenize.COMMENT:
-            continue
-        row = tok.start[0]
-        body = tok.string.lstrip("#").rstrip()
-        # Shebang and encoding cookies are machinery, not prose.
-        if row <= 2 and (tok.string.startswith("#!") or "coding" in tok.string):
-            continue
-        if row == last_row + 1 and blocks:
-            blocks[-1][1].append(body)
-        else:
-            blocks.append((row, [body]))
-        last_row = row
-    out = []
-    for row, lines in blocks:
-        # dedent keeps the relative indentation of code or lists written inside comments.
-        text = textwrap.dedent("\n".join(lines)).strip()
-        if text:
-            out.append((row, text))
-    return out
-
-
-def _docstrings(tree: ast.Module) -> list[tuple[int, str]]:
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc and doc.strip():
-                out.append((node.body[0].lineno, doc.strip()))
-    return out
-
-
-def extract_module_text(path: str) -> str | None:
-    """Docstrings and comment blocks of one Python file in source order.
-
-    None when the file does not parse or is a generated codec table.
-    """
-    try:
-        source = Path(path).read_bytes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escape sequences in old modules
-            tree = ast.parse(source, filename=path)
-        pieces = _docstrings(tree) + _comment_blocks(source)
-    except (SyntaxError, ValueError, UnicodeDecodeError, tokenize.TokenError, OSError):
-        return None
-    module_doc = ast.get_docstring(tree) or ""
-    if "gencodec.py" in module_doc:
-        # encodings/cp*.py etc. are machine-generated code tables ("0x41 -> LATIN CAPITAL
-        # LETTER A" comments): a fifth of all the text but no prose, so they are left out.
-        return None
-    pieces.sort(key=lambda p: p[0])
-    return "\n\n".join(text for _, text in pieces)
-
-
-def _extract_all(stdlib_dir: str) -> list[dict]:
-    # Single process on purpose: the whole stdlib takes a few seconds, and a pool's start-up
-    # plus pickling of results gave no clear win on the 2-core machines this runs on.
-    docs = []
-    for module, path in _module_files(stdlib_dir):
-        text = extract_module_text(path)
-        if text is not None and len(text) >= MIN_DOC_CHARS:
-            docs.append({"module": module, "text": text})
-    return docs
-
-
-def _ensure_cache() -> Path:
-    stdlib_dir = _stdlib_dir()
-    path = _cache_path(stdlib_dir)
-    if path.exists():
-        return path
-    docs = _extract_all(stdlib_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def split_of(module: str) -> str:
-    """'validation' for about 5% of module names (stable sha1 hash), else 'train'."""
-    h = int(hashlib.sha1(module.encode("utf-8")).hexdigest(), 16)
-    return "validation" if h % 100 < VALIDATION_PERCENT else "train"
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-
-
-def builtin_documents(split: str = "train") -> Iterator[dict]:
-    """Yield ``{"module", "text"}`` documents of the stdlib corpus for ``split``, in module order."""
-    _check_split(split)
-    path = _ensure_cache()
-
-    def gen() -> Iterator[dict]:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                doc = json.loads(line)
-                if split_of(doc["module"]) == split:
-                    yield doc
-
-    return gen()
-
-
-def builtin_texts(split: str = "train") -> Iterator[str]:
-    """Yield just the texts of :func:`builtin_documents`."""
-    return (doc["text"] for doc in builtin_documents(split))
-
-
-def corpus_stats(split: str = "train") -> dict:
-    """Document, character and UTF-8 byte counts of one split of the builtin corpus."""
-    docs = chars = nbytes = 0
-    for text in builtin_texts(split):
-        docs += 1
-        chars += len(text)
-        nbytes += len(text.encode("utf-8"))
-    return {"split": split, "documents": docs, "characters": chars, "bytes": nbytes}
+FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+_GLOB_CHARS = set("*?[")
+_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# File readers
-
-_FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-_GLOB_CHARS = set("*?[")
+# Decoding
 
 
-def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{lineno}: record has no field {text_field!r}")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string"
-                )
-            yield text
+def decode_json_line(raw: bytes, text_field: str) -> str:
+    """The text of one JSONL line; BadRecord for invalid UTF-8, bad JSON, a missing field."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord("malformed_json", f"not valid JSON ({e.msg})") from None
+    return text_of(record, text_field)
 
 
-def _iter_file(path: str, text_field: str) -> Iterator[str]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.endswith(".txt"):
-        # The whole file is one document: splitting on blank lines would cut prose mid-thought.
-        yield Path(path).read_text(encoding="utf-8")
-    elif path.endswith((".jsonl", ".jsonl.gz")):
-        yield from _iter_jsonl(path, text_field)
-    else:
-        raise ValueError(f"unsupported file type: {path} (supported: {', '.join(_FILE_SUFFIXES)})")
+def text_of(record: Any, text_field: str) -> str:
+    """Field ``text_field`` of a record (dict or a bare value) as a non-empty string."""
+    if isinstance(record, dict):
+        if text_field not in record:
+            raise BadRecord("missing_field", f"record has no field {text_field!r}")
+        record = record[text_field]
+    if not isinstance(record, str):
+        raise BadRecord("missing_field", f"field {text_field!r} is {type(record).__name__}, not a string")
+    if not record:
+        raise BadRecord("empty_text", f"field {text_field!r} is empty")
+    return record
 
 
-def iter_texts(path: str, text_field: str = "text") -> Iterator[str]:
-    """Stream document texts from a source spec.
+# ---------------------------------------------------------------------------------------------
+# Units
 
-    ``path`` is ``"builtin"`` / ``"builtin:train"`` / ``"builtin:validation"``, a ``.txt`` file
-    (one document), a ``.jsonl`` or ``.jsonl.gz`` file (field ``text_field`` of each line), or a
-    glob of such files (matched files are read in sorted order).
+
+@dataclass
+class Unit:
+    """One file (or dataset) of a source. ``loc`` names what a position counts (for reports)."""
+
+    path: str
+    text_field: str = "text"
+    size: int = 0  # seekable units: positions run over [0, size)
+
+    seekable = True
+    loc = "byte"
+
+    def records(self, start: int = 0, end: int | None = None, first: bool = True) -> Iterator[tuple[int, Any]]:
+        """(position, raw record) for records at positions >= start (and < end if seekable).
+
+        ``first``: this reader owns position 0, so it (alone) reports an empty unit.
+        """
+        raise NotImplementedError
+
+    def decode(self, raw: Any):
+        """The document of a raw record (str, or token ids), None for a record that is not part
+        of this source (silently passed over), or BadRecord."""
+        raise NotImplementedError
+
+    def ident(self) -> list:
+        """What identifies this unit's content in a data fingerprint."""
+        return [type(self).__name__, self.path, self.size]
+
+
+def _split_lines(chunks: Iterator[bytes], start_pos: int, by_line: bool) -> Iterator[tuple[int, bytes]]:
+    """Lines of a byte stream with their position (byte offset, or line index if by_line).
+
+    Blank lines are skipped but still advance the position. If ``chunks`` raises FileFault (a
+    truncated stream), the partial line is dropped and the fault is re-raised at its position.
     """
+    pos, buf = start_pos, b""
+    try:
+        for chunk in chunks:
+            buf += chunk
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            for line in lines:
+                if line.strip():
+                    yield pos, line
+                pos += 1 if by_line else len(line) + 1
+    except FileFault as e:
+        raise FileFault(e.kind, pos, e.detail) from None
+    if buf.strip():
+        yield pos, buf
+
+
+@dataclass
+class PlainFile(Unit):
+    """Uncompressed .jsonl (one record per line) or .txt (the whole file is one record)."""
+
+    kind: str = "jsonl"
+
+    def records(self, start=0, end=None, first=True):
+        end = self.size if end is None else min(end, self.size)
+        found = False
+        try:
+            if self.kind == "txt":
+                if start == 0 and end > 0:
+                    data = Path(self.path).read_bytes()
+                    if data.strip():
+                        found = True
+                        yield 0, data
+            elif start < end:
+                with open(self.path, "rb") as f:
+                    if start > 0:  # a line that began in the previous region belongs to it
+                        f.seek(start - 1)
+                        if f.read(1) != b"\n":
+                            start += len(f.readline())
+                    f.seek(start)
+
+                    def chunks():  # small reads: one buffer per stream, and streams are many
+                        while chunk := f.read(1 << 16):
+                            yield chunk
+
+                    for pos, line in _split_lines(chunks(), start, by_line=False):
+                        if pos >= end:
+                            break
+                        found = True
+                        yield pos, line
+        except OSError as e:
+            raise FileFault("unreadable", start, f"cannot read: {e.strerror or e}") from None
+        if first and not found and start == 0 and not self._has_text():
+            raise FileFault("empty_file", 0, "file has no records")
+
+    def _has_text(self) -> bool:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                if chunk.strip():
+                    return True
+        return False
+
+    def decode(self, raw):
+        if self.kind == "txt":
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
+        return decode_json_line(raw, self.text_field)
+
+
+@dataclass
+class BuiltinFile(PlainFile):
+    """The builtin corpus cache (JSONL of both splits in module order), filtered to one split."""
+
+    split: str = "train"
+
+    def decode(self, raw):
+        record = json.loads(raw)
+        # looked up on the module at call time, so tests can patch builtin.split_of
+        return record["text"] if builtin.split_of(record["module"]) == self.split else None
+
+    def ident(self) -> list:
+        return ["builtin", self.split, self.size]
+
+
+def _decompressed(path: str) -> Iterator[bytes]:
+    """Decompressed bytes of a .gz or .zst file (all members/frames); FileFault if it ends early."""
+    if path.endswith(".gz"):
+        def make():
+            return zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+        errors: tuple = (zlib.error,)
+    else:
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor()
+        make, errors = dctx.decompressobj, (zstandard.ZstdError,)
+    with open(path, "rb") as f:
+        d, pending = make(), False
+        while data := f.read(_CHUNK):
+            while data:
+                try:
+                    out = d.decompress(data)
+                except errors as e:
+                    raise FileFault("corrupt", 0, f"corrupt compressed data ({e})") from None
+                pending = True
+                if out:
+                    yield out
+                if not d.eof:
+                    break
+                # a member/frame ended; whatever follows is the next one (concatenated files)
+                data, d, pending = d.unused_data, make(), False
+        if pending:
+            raise FileFault("truncated", 0, "compressed stream ends early (truncated file)")
+
+
+@dataclass
+class CompressedFile(Unit):
+    """.jsonl.gz / .jsonl.zst: sequential, positions are line indices."""
+
+    seekable = False
+    loc = "line"
+
+    def records(self, start=0, end=None, first=True):
+        found = False
+        try:
+            for pos, line in _split_lines(_decompressed(self.path), 0, by_line=True):
+                found = True
+                if pos >= start:
+                    yield pos, line
+        except OSError as e:
+            raise FileFault("unreadable", start, f"cannot read: {e.strerror or e}") from None
+        if not found:
+            raise FileFault("empty_file", 0, "file has no records")
+
+    def decode(self, raw):
+        return decode_json_line(raw, self.text_field)
+
+
+@dataclass
+class ParquetFile(Unit):
+    """.parquet: sequential by row (row groups are skipped via metadata when resuming)."""
+
+    seekable = False
+    loc = "row"
+
+    def records(self, start=0, end=None, first=True):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise FileFault("unreadable", 0, f"not a readable parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if self.text_field not in names:
+            raise FileFault("missing_field", 0, f"no column {self.text_field!r} (columns: {', '.join(names)})")
+        row, groups = 0, []
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > start:
+                groups.append(g)
+            else:
+                row += n
+        if pf.metadata.num_rows == 0:
+            raise FileFault("empty_file", 0, "file has no rows")
+        try:
+            for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[self.text_field]):
+                for value in batch.column(0).to_pylist():
+                    if row >= start:
+                        yield row, value
+                    row += 1
+        except Exception as e:
+            raise FileFault("unreadable", row, f"read failed ({e})") from None
+
+    def decode(self, raw):
+        return text_of(raw, self.text_field)
+
+
+@dataclass
+class HFStreaming(Unit):
+    """``hf:NAME[:CONFIG]:SPLIT`` read with ``datasets.load_dataset(..., streaming=True)``."""
+
+    config: str | None = None
+    split: str = "train"
+
+    seekable = False
+    loc = "example"
+
+    def open(self):
+        from datasets import load_dataset
+
+        return load_dataset(self.path, self.config, split=self.split, streaming=True)
+
+    def records(self, start=0, end=None, first=True):
+        ds = self.open()
+        pos = start
+        try:
+            for pos, example in enumerate(ds.skip(start) if start else ds, start=start):
+                yield pos, example
+        except Exception as e:  # the library's own reading errors: count them, keep going
+            raise FileFault("unreadable", pos, f"dataset read failed ({type(e).__name__}: {e})") from None
+
+    def decode(self, raw):
+        return text_of(raw, self.text_field)
+
+    def ident(self) -> list:
+        return ["hf", self.path, self.config, self.split]
+
+
+@dataclass
+class HFDisk(Unit):
+    """A dataset saved with ``save_to_disk`` (memory-mapped Arrow): seekable by row."""
+
+    split: str | None = None
+
+    loc = "row"
+
+    def open(self):
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(self.path)
+        if isinstance(ds, DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"{self.path} holds splits {', '.join(ds)}; name one as hf:{self.path}:SPLIT")
+            ds = ds[self.split]
+        if self.text_field not in ds.column_names:
+            raise DataError(f"{self.path} has no column {self.text_field!r} (columns: {', '.join(ds.column_names)})")
+        return ds.select_columns([self.text_field])
+
+    def records(self, start=0, end=None, first=True):
+        ds = self.open()
+        end = len(ds) if end is None else min(end, len(ds))
+        if first and start == 0 and len(ds) == 0:
+            raise FileFault("empty_file", 0, "dataset has no rows")
+        for a in range(start, end, 1024):
+            for k, value in enumerate(ds[a:min(a + 1024, end)][self.text_field]):
+                yield a + k, value
+
+    def decode(self, raw):
+        return text_of(raw, self.text_field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: spec -> units
+
+
+@dataclass
+class Source:
+    """A resolved source: its spec, mixing weight, and units in a fixed order."""
+
+    spec: str
+    weight: float = 1.0
+    text_field: str = "text"
+    units: list[Unit] = field(default_factory=list)
+
+    def ident(self) -> list:
+        return [self.spec, self.weight, self.text_field, [u.ident() for u in self.units]]
+
+
+def _file_unit(path: str, text_field: str) -> Unit:
+    size = os.path.getsize(path)
+    if path.endswith(".txt"):
+        return PlainFile(path, text_field, size, kind="txt")
+    if path.endswith(".jsonl"):
+        return PlainFile(path, text_field, size, kind="jsonl")
+    if path.endswith((".jsonl.gz", ".jsonl.zst")):
+        return CompressedFile(path, text_field, size)
+    if path.endswith(".parquet"):
+        return ParquetFile(path, text_field, size)
+    raise DataError(f"unsupported file type: {path} (supported: {', '.join(FILE_SUFFIXES)}, a shards "
+                    "directory, hf:NAME[:CONFIG]:SPLIT, builtin)")
+
+
+def _is_hf_disk(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _hf_units(rest: str, text_field: str) -> list[Unit]:
+    parts = rest.split(":")
+    if os.path.isdir(parts[0]) and _is_hf_disk(parts[0]):
+        unit = HFDisk(parts[0], text_field, split=parts[1] if len(parts) > 1 else None)
+        try:
+            unit.size = len(unit.open())
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"hf:{rest}: cannot load the saved dataset ({e})") from None
+        return [unit]
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"hf:{rest}: expected hf:NAME[:CONFIG]:SPLIT or hf:DIR[:SPLIT] (a save_to_disk directory)")
+    unit = HFStreaming(parts[0], text_field, config=parts[1] if len(parts) == 3 else None, split=parts[-1])
+    try:
+        unit.open()  # resolves data files now, so a wrong name fails here with one message
+    except Exception as e:
+        raise DataError(f"hf:{rest}: cannot open the dataset ({type(e).__name__}: {e})") from None
+    return [unit]
+
+
+def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
+                   tokenizer_hash: str | None = None) -> Source:
+    """Resolve a spec to a :class:`Source` (files listed and sized now, read later).
+
+    ``tokenizer_hash``: shards made with another tokenizer are refused (DataError). Missing files
+    raise FileNotFoundError; other bad specs raise DataError.
+    """
+    from data_pipeline import shards
+
     if path == "builtin" or path.startswith("builtin:"):
         split = path.partition(":")[2] or "train"
-        _check_split(split)
-        return builtin_texts(split)
-    if any(c in _GLOB_CHARS for c in path):
-        files = sorted(_glob.glob(path, recursive=True))
+        builtin.check_split(split)
+        cache = str(builtin.ensure_cache())
+        units: list[Unit] = [BuiltinFile(cache, "text", os.path.getsize(cache), kind="jsonl", split=split)]
+    elif path.startswith("hf:"):
+        units = _hf_units(path[3:], text_field)
+    elif os.path.isdir(path):
+        if shards.is_shard_dir(path):
+            units = shards.shard_units(path, tokenizer_hash)
+        elif _is_hf_disk(path):
+            units = _hf_units(path, text_field)
+        else:
+            raise DataError(f"{path} is a directory but neither token shards (manifest.json) nor a saved dataset")
+    elif any(c in _GLOB_CHARS for c in path):
+        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
         if not files:
             raise FileNotFoundError(f"no files match {path}")
+        units = [_file_unit(f, text_field) for f in files]
     else:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
-        files = [path]
+        units = [_file_unit(path, text_field)]
+    return Source(path, weight, text_field, units)
 
-    def gen() -> Iterator[str]:
-        for f in files:
-            yield from _iter_file(f, text_field)
 
-    return gen()
+def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | None = None) -> Iterator[Any]:
+    """Every document of a source in unit order (text, or token ids for shards), one pass.
+
+    Bad input is counted in ``errors``; with on_error="fail" it raises DataError naming the file
+    and line instead (an empty text is always just counted).
+    """
+    for unit in source.units:
+        try:
+            for pos, raw in unit.records(0):
+                try:
+                    doc = unit.decode(raw)
+                except BadRecord as e:
+                    if on_error == "fail" and e.kind != "empty_text":
+                        raise DataError(f"{location(unit.path, unit.loc, pos)}: {e.detail}") from None
+                    if errors is not None:
+                        errors.add(unit.path, unit.loc, pos, e.kind, e.detail)
+                    continue
+                if doc is not None:
+                    yield doc
+        except FileFault as e:
+            if on_error == "fail":
+                raise DataError(f"{location(unit.path, unit.loc, e.pos)}: {e.detail}") from None
+            if errors is not None:
+                errors.add(unit.path, unit.loc, e.pos, e.kind, e.detail)
+
+
+def iter_texts(path: str, text_field: str = "text") -> Iterator[str]:
+    """Stream document texts of a source spec, stopping with DataError at the first bad record.
+
+    Used where the whole text is wanted once (tokenizer training, perplexity). Raises
+    FileNotFoundError for a missing file or a glob matching nothing, ValueError for a bad spec.
+    """
+    source = resolve_source(path, text_field)
+    return iter_documents(source, on_error="fail")

@@ -55,9 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
                 "Train a byte-level BPE (tokenizers) or SentencePiece BPE/Unigram tokenizer and save it to "
                 "tokenizer.path in a form transformers.AutoTokenizer loads.")
 
-    _config_cmd(sub, "pretrain", "pretrain a GPT with DeepSpeed ZeRO",
-                "Causal-LM pretraining. Trains the config's tokenizer first if it does not exist. Resumes from "
-                "the newest complete checkpoint by default (train.resume=auto).")
+    _config_cmd(sub, "pretrain", "pretrain a GPT, BERT or T5 with DeepSpeed ZeRO",
+                "Pretraining with the model family's objective (model.family): causal LM for gpt, masked LM "
+                "(15%%, 80/10/10) for bert, span corruption (15%% noise, mean span 3, sentinels) for t5. Trains the "
+                "config's tokenizer first if it does not exist. Resumes from the newest complete checkpoint by "
+                "default (train.resume=auto).")
+
+    data = sub.add_parser("data", help="prepare and inspect token shards", description="Data commands.")
+    data_sub = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _config_cmd(data_sub, "prepare", "tokenize data.sources into token shards (data.out)",
+                "Tokenize data.sources offline, in data.num_workers parallel processes, into binary token shards "
+                "plus manifest.json under data.out. The shards directory is then a source for pretraining "
+                "(data.sources='[{path: DIR}]'): memory-mapped, no tokenization at training time. Bad records are "
+                "skipped and counted (data.on_error=skip) or stop the run naming file and line (fail, exit 2).")
+    ins = data_sub.add_parser("inspect", help="counts, token histogram and decoded samples of a shards directory",
+                              description="Summarize a directory written by `llmstack data prepare`: documents and "
+                              "tokens per source, document-length and token histograms, decoded samples, skipped input.")
+    ins.add_argument("shards_dir", help="directory with manifest.json and shard_*.bin")
+    ins.add_argument("--tokenizer", help="tokenizer dir for decoding (default: the one recorded in the manifest)")
+    ins.add_argument("--samples", type=int, default=3, help="documents to decode (default: %(default)s)")
+    ins.add_argument("--top", type=int, default=20, help="most frequent tokens to list (default: %(default)s)")
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools", description="Checkpoint tools.")
     ck_sub = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -72,6 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
                            "train.resume=<that dir> (same global batch: micro_batch x grad_accum x world).")
     rs.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
     rs.add_argument("--out", help="output directory (default: beside the checkpoint)")
+
+    ex = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint",
+                        description="Convert a checkpoint (any ZeRO stage), a consolidated or an imported directory "
+                        "into a Hugging Face directory: config.json, model.safetensors (sharded beyond "
+                        "--max-shard-size) and the tokenizer files. gpt2-style GPT -> GPT2LMHeadModel, llama-style "
+                        "GPT -> LlamaForCausalLM, BERT -> BertForMaskedLM, T5 -> T5ForConditionalGeneration. "
+                        "An architecture with no Hugging Face equivalent is refused, naming the option.")
+    ex.add_argument("checkpoint", help="step_N dir, checkpoints/latest, a run directory, or a consolidated/imported dir")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the checkpoint)")
+    ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default: %(default)s)")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
+
+    im = sub.add_parser("import", help="convert a Hugging Face model directory into a native model",
+                        description="Read a Hugging Face directory (GPT2LMHeadModel, LlamaForCausalLM, "
+                        "BertForMaskedLM, T5ForConditionalGeneration) into OUT: model.safetensors, "
+                        "llmstack_model.json and the tokenizer files. OUT is accepted by model.init, "
+                        "`llmstack generate`, `llmstack-eval` and `llmstack export`.")
+    im.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards, or pytorch_model.bin)")
+    im.add_argument("--out", required=True, help="output directory")
+
+    gen = sub.add_parser("generate", help="generate text from a GPT or T5 model (KV-cache decoding)",
+                         description="Continue each --prompt with a GPT (or answer it with a T5) from a checkpoint, a "
+                         "consolidated/imported directory or a Hugging Face directory. Sampling by default; "
+                         "--temperature 0 is greedy. Stops at EOS, at any --stop token, or after --max-new-tokens.")
+    gen.add_argument("checkpoint", help="step_N dir, checkpoints/latest, a run directory, or a model directory")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: off)")
+    gen.add_argument("--stop", action="append", default=[], help="extra stop token (repeatable); EOS always stops")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    gen.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the model)")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
 
     pl = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, suggested micro-batch",
                         description="Estimate parameters, FLOPs/token and memory per GPU (weights, gradients, optimizer "
@@ -104,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except UsageError as e:
-        if os.environ.get("RANK", "0") == "0":
+        # Errors every rank meets are printed once; bad data is met by one rank, which says so.
+        every_rank = getattr(e, "every_rank", False)
+        if os.environ.get("RANK", "0") == "0" or every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os._exit(2)  # the peers wait in a collective: leave now, the launcher stops them
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -145,6 +202,20 @@ def _dispatch(args) -> int:
             return 0
         pretrain.run(cfg)
         return 0
+    if args.command == "data":
+        from llmstack.stages import data
+
+        if args.action == "inspect":
+            data.inspect(args.shards_dir, args.tokenizer, samples=args.samples, top=args.top)
+            return 0
+        from llmstack.config import DataPrepareConfig
+
+        cfg = load_config(DataPrepareConfig, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        data.prepare(cfg)
+        return 0
     if args.command == "checkpoint":
         from llmstack.train import checkpoint
 
@@ -152,6 +223,25 @@ def _dispatch(args) -> int:
             print(f"wrote {checkpoint.reshape(args.checkpoint, args.out)}")
         else:
             print(f"wrote {checkpoint.consolidate(args.checkpoint, args.out)}")
+        return 0
+    if args.command == "export":
+        from llmstack.stages.export import export
+
+        out = export(args.checkpoint, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "import":
+        from llmstack.stages.export import import_hf
+
+        print(f"wrote {import_hf(args.hf_dir, args.out)}")
+        return 0
+    if args.command == "generate":
+        from llmstack.stages import generation
+
+        generation.run(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                       seed=args.seed, tokenizer_path=args.tokenizer, use_cache=not args.no_cache)
         return 0
     if args.command == "plan":
         from llmstack.stages import plan

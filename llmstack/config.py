@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmstack.errors import ConfigError
-from llmstack.models.gpt import PRESETS as GPT_PRESETS
+from llmstack.models import FAMILIES, all_presets, family_of_preset
 
 
 class Strict(BaseModel):
@@ -49,8 +49,9 @@ class ZeroConfig(Strict):
 
 
 class SourceConfig(Strict):
-    path: str = Field(description="'builtin[:train|:validation]', a file, or a glob")
-    weight: float = Field(1.0, gt=0)
+    path: str = Field(description="'builtin[:train|:validation]'; a .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet file "
+                      "or glob; a shards dir from `data prepare`; 'hf:NAME[:CONFIG]:SPLIT'; a save_to_disk dir")
+    weight: float = Field(1.0, gt=0, description="mixing weight: share of training tokens (normalized)")
     text_field: str = "text"
 
 
@@ -58,9 +59,17 @@ class DataConfig(Strict):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:train")])
     val_sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:validation")])
     seq_len: int = Field(256, ge=8)
-    num_workers: int = Field(0, ge=0)
-    out: str | None = None
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (data prepare: processes)")
+    out: str | None = Field(None, description="where `data prepare` writes shards")
     on_error: Literal["skip", "fail"] = "skip"
+    streams: int = Field(64, ge=1, description="fixed parallel streams of the global order; a multiple of "
+                         "world size x max(num_workers, 1); changing it changes the order")
+    bos: bool = Field(False, description="start every document with BOS (EOS always ends it)")
+    doc_mask: bool = Field(False, description="packed documents do not attend to each other (position_ids + attn_mask)")
+    shuffle: bool = Field(True, description="a new seeded file order every epoch")
+    shuffle_windows: int = Field(64, ge=1, description="each stream emits its sequences in seeded random order within "
+                                 "blocks of this many (1: in document order)")
+    docs_per_shard: int = Field(65536, ge=1, description="`data prepare`: documents per shard file")
 
 
 class TokenizerConfig(Strict):
@@ -99,11 +108,15 @@ class TrainConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """A GPT architecture: a preset, then any field set explicitly overrides it."""
+    """A model architecture: a family, a preset of it, then any field set explicitly overrides it.
 
-    family: Literal["gpt"] = "gpt"
+    `family` defaults to the preset's family (gpt when neither is set), and `preset` to the
+    family's tiny preset. A field the family does not have (e.g. `model.ffn` for a GPT) is an error.
+    """
+
+    family: Literal["gpt", "bert", "t5"] = "gpt"
     preset: str | None = "gpt2-tiny"
-    init: str | None = Field(None, description="checkpoint to start from")
+    init: str | None = Field(None, description="checkpoint or imported model directory to start from")
     n_layer: int | None = Field(None, ge=1)
     n_head: int | None = Field(None, ge=1)
     n_kv_head: int | None = Field(None, ge=1)
@@ -121,11 +134,44 @@ class ModelConfig(Strict):
     attn_dropout: float | None = Field(None, ge=0, lt=1)
     init_std: float | None = Field(None, gt=0)
     rope_theta: float | None = Field(None, gt=0)
+    # BERT
+    type_vocab_size: int | None = Field(None, ge=1)
+    prenorm: bool | None = Field(None, description="BERT: pre-LN blocks instead of the original post-LN")
+    # T5
+    n_decoder_layer: int | None = Field(None, ge=1)
+    d_kv: int | None = Field(None, ge=1)
+    ffn: Literal["gated-gelu", "relu"] | None = None
+    rel_buckets: int | None = Field(None, ge=2)
+    rel_max_distance: int | None = Field(None, ge=2)
+    rescale_output: bool | None = None
+    init_factor: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_and_preset_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        preset_family = family_of_preset(data["preset"]) if isinstance(data.get("preset"), str) else None
+        if "family" not in data:
+            data["family"] = preset_family or "gpt"
+        if "preset" not in data and data["family"] in FAMILIES:
+            data["preset"] = FAMILIES[data["family"]].default_preset
+        return data
 
     @model_validator(mode="after")
     def _known_preset(self):
-        if self.preset is not None and self.preset not in GPT_PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r} (allowed: {', '.join(GPT_PRESETS)})")
+        fam = FAMILIES[self.family]
+        if self.preset is not None and self.preset not in fam.presets:
+            other = family_of_preset(self.preset)
+            if other:
+                raise ValueError(f"preset {self.preset!r} is a {other} preset, but model.family={self.family} "
+                                 f"(allowed: {', '.join(fam.presets)})")
+            raise ValueError(f"unknown preset {self.preset!r} (allowed: {', '.join(all_presets())})")
+        foreign = sorted(k for k, v in self.arch_fields().items() if v is not None and k not in fam.field_names())
+        if foreign:
+            raise ValueError(f"model.{foreign[0]} does not apply to model.family={self.family} "
+                             f"(its fields: {', '.join(sorted(fam.field_names()))})")
         return self
 
     def arch_fields(self) -> dict[str, Any]:
@@ -162,7 +208,15 @@ class TokenizerTrainConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
 
 
-SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": TokenizerTrainConfig}
+class DataPrepareConfig(Strict):
+    """`llmstack data prepare`: data.sources -> token shards + manifest.json in data.out."""
+
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": TokenizerTrainConfig,
+                                    "data": DataPrepareConfig}
 
 
 # ---------------------------------------------------------------------------------------------

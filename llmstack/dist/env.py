@@ -116,6 +116,15 @@ def broadcast_object(obj):
     return obj
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order, on every rank (a one-element list alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def hostname() -> str:
     return socket.gethostname()
 

@@ -8,6 +8,8 @@ Design choices, each a config option rather than a separate class:
 - tied or untied input/output embeddings; dropout on residual branches and attention weights
 - init: normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
   (GPT-2 paper, section 2.3), biases zero, norms one.
+- inference: an optional preallocated KV cache (layers.KVCache) and per-row positions, so
+  generate.py can decode left-padded batches one token at a time.
 Shapes: B batch, T sequence, C d_model, nh heads, nkv key/value heads, hd head dim, V vocab.
 """
 
@@ -20,9 +22,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from llmstack.models.layers import (
-    GatedMLP,
+from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entropy are re-exported)
     MLP,
+    GatedMLP,
+    KVCache,
+    Linear,
+    LMHead,
     apply_rotary,
     attention,
     linear_cross_entropy,
@@ -100,58 +105,53 @@ PRESETS: dict[str, dict] = {
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx  # which slot of a KV cache is ours
         # one matmul for q, k, v: output [q (nh*hd) | k (nkv*hd) | v (nkv*hd)]
-        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
+        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_scaled = True  # read by init: GPT-2 scaled residual init
         self.attn_dropout = cfg.attn_dropout
         self.resid_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, rope=None, mask=None):
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.hd).transpose(1, 2)  # heads of q | k | v
+        q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = attention(q, k, v, causal=True, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        causal = True
+        if cache is not None:
+            past = cache.length
+            kc, vc = cache.append(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
+            if past > 0:  # (with nothing cached before, the fresh contiguous k, v are the same values)
+                k, v = kc, vc
+            if past > 0 and mask is None:
+                if T == 1:  # one new token sees every cached one: no mask at all (fastest kernel)
+                    causal = False
+                else:  # SDPA's is_causal aligns top-left; new queries sit at the bottom right
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        y = attention(q, k, v, causal=causal, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_drop(self.proj(y))
-
-
-class LMHead(nn.Linear):
-    """The output projection; given labels it returns the mean cross-entropy instead of logits.
-
-    Still an nn.Linear (same `lm_head.weight`, same init and accounting). The loss goes through
-    this module's forward, not through `self.lm_head.weight` used from outside, so that ZeRO-3's
-    module hooks gather the (tied) weight for it. With labels it uses the fused, chunked
-    `linear_cross_entropy`, which never materialises the (B, T, V) logits (see layers.py).
-    """
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if labels is None:
-            return super().forward(x)
-        return linear_cross_entropy(x, self.weight, labels, ignore_index=-100)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         mlp_cls = GatedMLP if cfg.mlp == "swiglu" else MLP
         self.mlp = mlp_cls(cfg.d_model, cfg.ff_dim, cfg.act, cfg.bias, cfg.dropout)
         self.mlp.proj.residual_scaled = True
 
-    def forward(self, x, rope=None, mask=None):
-        x = x + self.attn(self.ln_1(x), rope, mask)
+    def forward(self, x, rope=None, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -162,7 +162,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -208,37 +208,59 @@ class GPT(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ):
         """Logits (B, T, V), or the mean cross-entropy over labels != -100 when labels are given.
 
         input_ids, labels, position_ids: (B, T). attn_mask: optional boolean (B, 1, T, T) "may
-        attend" mask that already includes causality (used for packed documents).
+        attend" mask that already includes causality (used for packed documents and padding);
+        with a cache it is (B, 1, T, past+T). cache: see `hidden_states`.
+        """
+        x = self.hidden_states(input_ids, position_ids, attn_mask, cache)
+        if labels is None:
+            return self.lm_head(x)  # logits (B, T, V)
+        # = F.cross_entropy(logits.float(), labels, ignore_index=-100), computed in cache-sized
+        # chunks with the softmax in fp32 (bf16 logits lose too much precision in the log-sum-exp)
+        return self.lm_head(x, labels)
+
+    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C) that the LM head reads.
+
+        With a `cache` (from `new_cache`) the keys/values of these T positions are stored after the
+        cached ones and attention covers both; positions default to past..past+T-1.
         """
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)  # (B, T, C)
         rope = None
+        if position_ids is None and past:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
         if self.wpe is not None:
             pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
             x = x + self.wpe(pos)
         elif self.config.pos == "rotary":
             if position_ids is None:
                 rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
-            else:  # per-sample positions: (B, 1, T, hd) tables broadcast over heads
-                rope = (self.rope_cos[position_ids][:, None].to(x.dtype), self.rope_sin[position_ids][:, None].to(x.dtype))
+            else:  # (T, hd) for shared positions, (B, 1, T, hd) for per-sample ones (broadcast over heads)
+                rope_pos = position_ids if position_ids.dim() == 1 else position_ids[:, None]
+                rope = (self.rope_cos[rope_pos].to(x.dtype), self.rope_sin[rope_pos].to(x.dtype))
         x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)
             else:
-                x = block(x, rope, attn_mask)
-        x = self.ln_f(x)
-        if labels is None:
-            return self.lm_head(x)  # logits (B, T, V)
-        # = F.cross_entropy(logits.float(), labels, ignore_index=-100), computed in cache-sized
-        # chunks with the softmax in fp32 (bf16 logits lose too much precision in the log-sum-exp)
-        return self.lm_head(x, labels)
+                x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` positions (model's dtype/device)."""
+        p = self.wte.weight
+        c = self.config
+        return KVCache(c.n_layer, batch, c.kv_heads, max_len, c.head_dim, dtype=p.dtype, device=p.device)
 
     # -- accounting -----------------------------------------------------------------------
     def num_params(self) -> int:

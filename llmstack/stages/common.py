@@ -20,7 +20,7 @@ from llmstack.config import SourceConfig, TokenizerConfig, to_yaml
 from llmstack.dist import deepspeed as ds
 from llmstack.dist import env
 from llmstack.errors import UsageError
-from llmstack.models.gpt import GPT, GPTConfig, gpt_config_from_preset
+from llmstack import models
 from llmstack.train import checkpoint as ckpt
 
 
@@ -81,11 +81,14 @@ def prepare_run_dir(run_dir: Path, cfg, tokenizer_hash: str, extra: dict | None 
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
 
-def gpt_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpointing: bool) -> GPTConfig:
-    """The model architecture from the config's model section; errors name the config keys."""
+def model_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpointing: bool, pad_id: int | None = None):
+    """The architecture (the family's config dataclass) from the config's model section; errors
+    name the config keys. `pad_id` (BERT's padding row, T5's decoder start) comes from the tokenizer."""
+    fields = dict(model_cfg.arch_fields(), activation_checkpointing=activation_checkpointing)
+    if model_cfg.family != "gpt" and pad_id is not None:
+        fields["pad_id"] = pad_id
     try:
-        arch = gpt_config_from_preset(model_cfg.preset, vocab_size, **model_cfg.arch_fields(),
-                                      activation_checkpointing=activation_checkpointing)
+        arch = models.build_config(model_cfg.family, model_cfg.preset, vocab_size, **fields)
     except (ValueError, TypeError) as e:
         raise UsageError(f"model: {e}") from None
     if arch.max_seq_len < seq_len:
@@ -93,22 +96,25 @@ def gpt_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpointin
     return arch
 
 
-def build_model(arch: GPTConfig, ds_config: dict, zero_stage: int, seed: int) -> GPT:
+def build_model(arch, ds_config: dict, zero_stage: int, seed: int):
     """Construct (partitioned under ZeRO-3) and initialise; identical weights for every stage/world."""
     torch.manual_seed(seed)
     with ds.model_init_context(ds_config, zero_stage):
-        model = GPT(arch)
+        model = models.build_model(models.family_of_config(arch), arch)
     torch.manual_seed(seed)
     ds.init_weights(model, model.init_module_, zero_stage)
     return model
 
 
 def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: str) -> Path:
-    """Start from another run's checkpoint weights (model.init): same tokenizer required."""
-    src = ckpt.resolve(init_path)
-    meta = ckpt.read_meta(src)
-    check_tokenizer(meta.get("tokenizer_hash"), tokenizer_hash, src)
-    ds.load_state_dict_into(model, ds.consolidated_state_dict(src), zero_stage)
+    """Start from other weights (model.init): a checkpoint, a consolidated or imported directory
+    (`llmstack import`), or a Hugging Face directory; same tokenizer and family required."""
+    src, info, state = ckpt.read_weights(init_path)
+    family = models.family_of_model(model)
+    if info.get("model_family", "gpt") != family:
+        raise UsageError(f"model.init={init_path} holds a {info.get('model_family')} model; this run trains a {family}")
+    check_tokenizer(info.get("tokenizer_hash"), tokenizer_hash, src)
+    ds.load_state_dict_into(model, state, zero_stage)
     return src
 
 

@@ -112,12 +112,14 @@ def suggest_micro_batch(arch, budget: float, **kw) -> int:
 def run(cfg: PretrainConfig, gpus: int, gpu_mem_gb: float, headroom: float = 0.9) -> int:
     """Print parameters, FLOPs/token and a per-stage memory table; exit 2 if nothing fits."""
     from llmstack.dist.deepspeed import resolve_batch
-    from llmstack.stages.common import gpt_config
+    from llmstack.stages.common import model_config
 
     if gpus < 1 or gpu_mem_gb <= 0:
         raise UsageError("--gpus must be >= 1 and --gpu-mem > 0")
     vocab = -(-cfg.tokenizer.vocab_size // 64) * 64
-    arch = gpt_config(cfg.model, vocab, cfg.data.seq_len, cfg.train.activation_checkpointing)
+    arch = model_config(cfg.model, vocab, cfg.data.seq_len, cfg.train.activation_checkpointing)
+    if not isinstance(arch, GPTConfig):
+        raise UsageError(f"llmstack plan models GPT blocks; model.family={cfg.model.family} is not supported yet")
     t = cfg.train
     micro, accum, global_batch = resolve_batch(t.micro_batch, t.grad_accum, t.global_batch, gpus)
     with torch.device("meta"):

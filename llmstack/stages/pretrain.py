@@ -1,6 +1,7 @@
-"""`llmstack pretrain`: causal-LM pretraining of a GPT with DeepSpeed ZeRO.
+"""`llmstack pretrain`: pretraining of a GPT, BERT or T5 with DeepSpeed ZeRO.
 
-The recipe: tokenizer -> model (under ZeRO-3 init) -> engine -> data -> resume -> loop.
+The recipe: tokenizer -> model (under ZeRO-3 init) -> engine -> data -> resume -> loop. The model
+family decides the objective (stages/objectives.py): causal LM, masked LM or span corruption.
 """
 
 from __future__ import annotations
@@ -10,21 +11,27 @@ import time
 
 import torch
 
-from data_pipeline.stream import GlobalBatches, PackedSequences, cached_tokens
+from data_pipeline.stream import merge_states
 from llmstack.config import PretrainConfig, to_yaml
 from llmstack.dist import deepspeed as ds
 from llmstack.dist import env
 from llmstack.errors import UsageError
-from llmstack.models.gpt import GPT
-from llmstack.stages import common
+from llmstack import models
+from llmstack.stages import common, objectives
+from llmstack.stages import data as data_stage
 from llmstack.train import checkpoint as ckpt
 from llmstack.train.loop import evaluate, train_loop
 from llmstack.train.metrics import MetricsLogger
 from llmstack.train.optim import lr_at, param_groups
 
 
+# Inputs for packed documents (data.doc_mask=true) travel with the batch as keyword arguments.
+MODEL_INPUTS = ("position_ids", "attn_mask")
+
+
 def causal_lm_loss(engine, batch: dict) -> torch.Tensor:
-    return engine(batch["input_ids"], labels=batch["labels"])
+    extra = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return engine(batch["input_ids"], labels=batch["labels"], **extra)
 
 
 def ds_config_for(cfg: PretrainConfig, world: int) -> tuple[dict, int, int]:
@@ -43,27 +50,13 @@ def dry_run(cfg: PretrainConfig) -> None:
     """Print the resolved config, the DeepSpeed config and the model's size; touch nothing."""
     ds_config, _, _ = ds_config_for(cfg, env.world_size())
     vocab = -(-cfg.tokenizer.vocab_size // 64) * 64
-    arch = common.gpt_config(cfg.model, vocab, cfg.data.seq_len, cfg.train.activation_checkpointing)
+    arch = common.model_config(cfg.model, vocab, cfg.data.seq_len, cfg.train.activation_checkpointing)
     params, flops = model_stats(arch, cfg.data.seq_len)
     print("# resolved config")
     print(to_yaml(cfg), end="")
     print(f"# deepspeed config (world size {env.world_size()})")
     print(json.dumps(ds_config, indent=2))
     print(f"# model: {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token (vocab {vocab} assumed)")
-
-
-def load_corpus(sources, tokenizer, seq_len: int, split: str) -> PackedSequences:
-    texts = lambda: common.source_texts(sources)  # noqa: E731 (called only on a cache miss)
-    key = [split, *(f"{s.path}|{s.text_field}" for s in sources)]
-    if any(s.weight != sources[0].weight for s in sources):
-        raise UsageError("data.sources with different weights need the streaming pipeline's mixing; "
-                         "the in-memory dataset concatenates sources (use equal weights)")
-    with env.rank0_first():
-        tokens = cached_tokens(key, tokenizer, texts)
-    seqs = PackedSequences(tokens, seq_len)
-    if len(seqs) == 0:
-        raise UsageError(f"{split} data has {len(tokens)} tokens: not enough for one sequence of {seq_len + 1}")
-    return seqs
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -74,10 +67,16 @@ def run(cfg: PretrainConfig) -> dict:
     ckpt_root = run_dir / "checkpoints"
 
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
-    arch = common.gpt_config(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
+    arch = common.model_config(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing,
+                               pad_id=tokenizer.pad_id)
+    transform = objectives.make_transform(cfg.model.family, tokenizer, cfg.data.seq_len)  # None for gpt
     resume_from = common.find_resume_checkpoint(t.resume, ckpt_root)
+    data_state = None
     if resume_from is not None:
         saved = ckpt.read_meta(resume_from)
+        # The data position is world-size independent (all streams' cursors), so only the ZeRO
+        # partitions below tie a resume to the saved number of processes.
+        data_state = saved.get("data")
         common.check_tokenizer(saved.get("tokenizer_hash"), tokenizer.hash, resume_from)
         if saved.get("universal"):  # made by `llmstack checkpoint reshape`: loads on any world size
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -94,27 +93,31 @@ def run(cfg: PretrainConfig) -> dict:
         model.compile()
     engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=t.lr, betas=t.betas, eps=t.eps)
 
-    train_seqs = load_corpus(cfg.data.sources, tokenizer, cfg.data.seq_len, "train")
-    val_seqs = load_corpus(cfg.data.val_sources, tokenizer, cfg.data.seq_len, "validation")
-    batches = GlobalBatches(train_seqs, seed=cfg.seed, micro_batch=t.micro_batch, grad_accum=accum, rank=rank, world=world)
-    val_iter = GlobalBatches(val_seqs, seed=cfg.seed, micro_batch=t.micro_batch, grad_accum=1, rank=rank, world=world, shuffle=False)
-    val_batches = [next(val_iter) for _ in range(t.eval_batches)]
-    manifest = {"train_sequences": len(train_seqs), "train_tokens": len(train_seqs.tokens),
-                "train_remainder_tokens": train_seqs.remainder_tokens, "val_sequences": len(val_seqs),
-                "seq_len": cfg.data.seq_len, "sources": [s.model_dump() for s in cfg.data.sources]}
+    train_sources = data_stage.resolve_sources(cfg.data.sources, tokenizer.hash)
+    val_sources = data_stage.resolve_sources(cfg.data.val_sources, tokenizer.hash)
+    val_batches = data_stage.validation_batches(cfg.data, val_sources, tokenizer, cfg.seed, micro_batch=t.micro_batch,
+                                                batches=t.eval_batches)
+    val_batches = objectives.transform_val(val_batches, transform, seed=cfg.seed)
+    try:
+        batches = data_stage.loader(cfg.data, train_sources, tokenizer, cfg.seed, micro_batch=t.micro_batch,
+                                    state=data_state)
+    except UsageError as e:
+        if data_state is None:
+            raise
+        raise UsageError(f"cannot resume from {resume_from}: {e}") from None
+    manifest = {"seq_len": cfg.data.seq_len, "streams": cfg.data.streams, "sources": [s.model_dump() for s in cfg.data.sources],
+                "files": {s.spec: len(s.units) for s in train_sources}, "val_sources": [s.spec for s in val_sources],
+                "fingerprint": batches.loader.fp}
     params, flops_tok = model_stats(arch, cfg.data.seq_len)
     common.prepare_run_dir(run_dir, cfg, tokenizer.hash, {"data": manifest, "params": params, "flops_per_token": flops_tok})
 
     start_step, tokens_seen = 0, 0
     torch.manual_seed(cfg.seed + rank)  # per-rank stream for dropout; replaced by the saved one on resume
     if resume_from is not None:
-        meta, client = ckpt.load(engine, resume_from)
-        try:
-            batches.load_state_dict(client["data"])
-        except ValueError as e:
-            raise UsageError(f"cannot resume from {resume_from}: {e}") from None
+        meta, _ = ckpt.load(engine, resume_from)
         start_step, tokens_seen = meta["step"], meta["tokens"]
         env.print0(f"resumed from {resume_from} at step {start_step}")
+    train_batches = objectives.wrap_train(batches, transform, seed=cfg.seed, accum=accum, start_step=start_step)
 
     peak = common.peak_flops(cfg.precision)
     tokens_per_step = global_batch * cfg.data.seq_len
@@ -122,19 +125,21 @@ def run(cfg: PretrainConfig) -> dict:
                f"({micro_str(t.micro_batch, accum, world)}), {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}")
 
     def save(step: int, tokens: int) -> None:
+        data = merge_states(env.all_gather_object(batches.loader.state_dict()))  # every stream's cursor
         meta = {"step": step, "tokens": tokens, "world_size": world, "zero_stage": cfg.zero.stage,
                 "precision": cfg.precision, "tokenizer_hash": tokenizer.hash, "tokenizer_path": cfg.tokenizer.path,
-                "model_family": "gpt", "model": arch.__dict__, "config": cfg.model_dump(mode="json"),
-                "data": batches.state_dict(), "time": time.time()}
-        path = ckpt.save(engine, ckpt_root, step, meta, {"data": batches.state_dict(), "step": step, "tokens": tokens}, t.keep_last)
+                "model_family": cfg.model.family, "model": arch.__dict__, "config": cfg.model_dump(mode="json"),
+                "data": data, "time": time.time()}
+        path = ckpt.save(engine, ckpt_root, step, meta, {"data": data, "step": step, "tokens": tokens}, t.keep_last)
         env.print0(f"saved checkpoint {path}")
 
-    logger = MetricsLogger(run_dir if env.is_main() else None, total_steps=t.max_steps, start_step=start_step,
-                           progress=t.progress)
+    logger = data_stage.DataStatsLogger(
+        MetricsLogger(run_dir if env.is_main() else None, total_steps=t.max_steps, start_step=start_step,
+                      progress=t.progress), batches.loader)
     t0 = time.perf_counter()
     try:
         result = train_loop(
-            engine, batches, loss_fn=causal_lm_loss, start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
+            engine, train_batches, loss_fn=causal_lm_loss, start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
             lr_fn=lambda s: lr_at(s, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                                   schedule=t.schedule, min_lr_ratio=t.min_lr_ratio),
             tokens_per_step=tokens_per_step, flops_per_token=flops_tok, peak_flops=peak, logger=logger,
@@ -158,5 +163,5 @@ def model_stats(arch, seq_len: int) -> tuple[int, float]:
     """(parameters, training FLOPs/token), counted on a meta-device copy: ZeRO-3 has already
     partitioned the real model's parameters, so it cannot be counted directly."""
     with torch.device("meta"):
-        model = GPT(arch)
+        model = models.build_model(models.family_of_config(arch), arch)
     return model.num_params(), model.flops_per_token(seq_len)

@@ -214,23 +214,48 @@ def load_consolidated(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tens
     return json.loads((d / "llmstack_model.json").read_text()), load_file(str(d / "model.safetensors"))
 
 
-def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
-    """(model in eval mode, tokenizer, info) from a checkpoint (any ZeRO stage) or a consolidated dir.
+def read_weights(path: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(source, info, fp32 state dict) of any weights a stage can start from.
 
-    The tokenizer is the one recorded with the checkpoint unless `tokenizer_path` is given; its
-    hash must match the checkpoint's either way.
+    A consolidated or imported directory (llmstack_model.json), a Hugging Face model directory
+    (config.json; converted in memory), or a checkpoint of any ZeRO stage (step_N, a `latest`
+    file, a run dir). `info` has at least model_family, model (the architecture) and tokenizer_hash.
     """
-    from data_pipeline.tokenizer import load_tokenizer
-    from llmstack.models.gpt import GPT, GPTConfig
-
     p = Path(path)
     if (p / "llmstack_model.json").is_file():
         info, state = load_consolidated(p)
-    else:
-        src = resolve(p)
-        info, state = read_meta(src), ds.consolidated_state_dict(src)
-    if info.get("model_family", "gpt") != "gpt":
-        raise UsageError(f"{path}: model family {info.get('model_family')!r} is not supported here")
+        if (p / "tokenizer.json").is_file():  # an imported directory carries its tokenizer, wherever it moved
+            info["tokenizer_path"] = str(p)
+        return p, info, state
+    if (p / "config.json").is_file() and not (p / META).is_file():
+        from dataclasses import asdict
+
+        from data_pipeline.tokenizer import tokenizer_hash
+        from llmstack.models.hf import ConversionError, load_pretrained
+
+        try:
+            family, cfg, state, _ = load_pretrained(p)
+        except ConversionError as e:
+            raise UsageError(f"{p}: {e}") from None
+        has_tok = (p / "tokenizer.json").is_file()
+        info = {"model_family": family, "model": asdict(cfg), "tokenizer_path": str(p) if has_tok else None,
+                "tokenizer_hash": tokenizer_hash(p) if has_tok else None, "source": str(p)}
+        return p, info, state
+    src = resolve(p)
+    return src, read_meta(src), ds.consolidated_state_dict(src)
+
+
+def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
+    """(model in eval mode, tokenizer, info) from anything `read_weights` reads, of any family.
+
+    The tokenizer is the one recorded with the weights unless `tokenizer_path` is given; its
+    hash must match the recorded one either way.
+    """
+    from data_pipeline.tokenizer import load_tokenizer
+    from llmstack import models
+
+    _, info, state = read_weights(path)
+    family = info.get("model_family", "gpt")
     tok_path = tokenizer_path or info.get("tokenizer_path")
     if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
         raise UsageError(f"tokenizer of {path} not found at {tok_path!r}; pass its directory explicitly")
@@ -238,9 +263,12 @@ def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
     if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer.hash:
         raise UsageError(f"tokenizer mismatch: {path} was trained with tokenizer {info['tokenizer_hash']}, "
                          f"{tok_path} is {tokenizer.hash}")
-    arch = dict(info["model"], activation_checkpointing=False)
-    model = GPT(GPTConfig(**arch))
+    try:
+        arch = models.config_from_dict(family, dict(info["model"], activation_checkpointing=False))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: bad recorded architecture: {e}") from None
+    model = models.build_model(family, arch)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not (k == "lm_head.weight" and arch.get("tie_embeddings"))]:
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and arch.tie_embeddings)]:
         raise UsageError(f"{path}: weights do not fit the recorded architecture ({missing[:3]}, {unexpected[:3]})")
     return model.eval(), tokenizer, info

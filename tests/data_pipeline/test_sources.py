@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_pipeline import sources
+from data_pipeline import builtin, sources
 
 
 def test_builtin_is_deterministic():
@@ -14,7 +14,7 @@ def test_builtin_is_deterministic():
     b = next(sources.builtin_documents("train"))
     assert a == b
     assert set(a) == {"module", "text"}
-    assert len(a["text"]) >= sources.MIN_DOC_CHARS
+    assert len(a["text"]) >= builtin.MIN_DOC_CHARS
 
 
 def test_splits_disjoint_and_nonempty():
@@ -79,9 +79,9 @@ def fake_stdlib(tmp_path, monkeypatch):
     root = tmp_path / "lib"
     _fake_stdlib(root)
     monkeypatch.setenv("LLMSTACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "_stdlib_dir", lambda: str(root))
+    monkeypatch.setattr(builtin, "_stdlib_dir", lambda: str(root))
     # Every fake module goes to train so the assertions below see all of them.
-    monkeypatch.setattr(sources, "split_of", lambda module: "train")
+    monkeypatch.setattr(builtin, "split_of", lambda module: "train")
     return tmp_path
 
 
@@ -101,7 +101,7 @@ def test_extraction_rules_and_cache(fake_stdlib, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("extractor called although the cache exists")
 
-    monkeypatch.setattr(sources, "_extract_all", boom)
+    monkeypatch.setattr(builtin, "_extract_all", boom)
     assert list(sources.builtin_documents("train")) == docs
 
 

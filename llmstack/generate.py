@@ -1,0 +1,239 @@
+"""KV-cache decoding for GPT (decoder-only) and T5 (encoder-decoder).
+
+Greedy, temperature, top-k, top-p (nucleus) and repetition penalty, stop tokens, batched prompts
+of different lengths, max-new-tokens. Used by `llmstack generate`, and later by PPO rollouts and eval.
+
+How a batch of prompts is decoded:
+- prompts are left-padded to one length, so every row's next token sits in the last column.
+  Pad positions are hidden from attention (keys) and the real tokens get positions 0, 1, ...
+  regardless of their padding (transformers' convention: position = number of real tokens
+  before), so a padded row produces the same tokens as the same prompt alone.
+- one forward pass over the prompts fills the KV cache (preallocated for prompt + max_new_tokens,
+  so nothing is copied as it grows); then each step feeds one token per row. Only the last
+  position goes through the LM head.
+- T5: the encoder runs once; the decoder starts from its start token (the pad id) and its
+  cross-attention keys/values are computed once, at the first step.
+- a row that emits a stop token is finished: it keeps receiving pad tokens (not returned) until
+  every row is finished or max_new_tokens is reached.
+
+Logit processing follows transformers' order and semantics, so greedy decoding with the same
+options gives the same tokens: repetition penalty (CTRL, Keskar et al. 2019: a seen token's
+logit is divided by the penalty if positive, multiplied if negative), then temperature, top-k,
+top-p, then sampling; temperature 0 means greedy (argmax).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from llmstack.models.gpt import GPT
+from llmstack.models.layers import causal_padding_mask
+from llmstack.models.t5 import T5
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool of tokens already in the context."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th kept too); others -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probability reaches p.
+
+    A token is dropped when the tokens strictly more likely than it already hold >= p of the
+    mass; the most likely token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) next tokens from last-position logits (B, V)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, L), valid (B, L) bool) with every prompt right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), L), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[i, L - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (a stop token, when one ends the row, included).
+
+    model: a GPT or a T5 (in eval mode). prompts: token ids, any lengths. temperature 0 is greedy.
+    use_cache=False recomputes the whole sequence at every step (the reference the cache is
+    tested against). generator: seeds sampling.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                generator=generator)
+    stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long)
+    if isinstance(model, T5):
+        return _decode(_T5Stepper(model, prompts, max_new_tokens, use_cache), max_new_tokens, stop, pad_id, opts)
+    if isinstance(model, GPT):
+        return _decode(_GPTStepper(model, prompts, max_new_tokens, use_cache, pad_id), max_new_tokens, stop, pad_id, opts)
+    raise TypeError(f"generate supports GPT and T5 models, not {type(model).__name__}")
+
+
+def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts: dict) -> list[list[int]]:
+    """The loop shared by both model kinds: pick a token per row, feed it back, until done."""
+    logits = stepper.first()
+    B, dev = logits.shape[0], logits.device
+    stop = stop.to(dev)
+    penalty = opts["repetition_penalty"] != 1.0
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    for step in range(max_new_tokens):
+        tok = next_tokens(logits, stepper.seen if penalty else None, **opts)
+        if len(stop):  # (no stop token: every row runs to max_new_tokens, nothing to check)
+            tok = tok.masked_fill(finished, pad_id)
+            finished |= torch.isin(tok, stop)
+        out.append(tok)
+        if step == max_new_tokens - 1 or (len(stop) and bool(finished.all())):
+            break
+        if penalty:
+            stepper.seen_add(tok)
+        logits = stepper.step(tok)
+    stops = set(stop.tolist())
+    result = []
+    for row in torch.stack(out, dim=1).tolist():  # (B, n)
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        result.append(row[:cut])
+    return result
+
+
+class _GPTStepper:
+    """Decoder-only state: the cache (or the full sequence without one), positions, key validity."""
+
+    def __init__(self, model: GPT, prompts, max_new_tokens: int, use_cache: bool, pad_id: int):
+        self.model, self.use_cache = model, use_cache
+        dev = model.wte.weight.device
+        self.ids, self.valid = left_pad(prompts, pad_id, dev)  # (B, L)
+        B, L = self.ids.shape
+        if L + max_new_tokens > model.config.max_seq_len:
+            raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"max_seq_len={model.config.max_seq_len}")
+        self.padded = not bool(self.valid.all())
+        self.pos = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
+        self.next_pos = self.valid.sum(-1, keepdim=True)  # (B, 1): position of the first new token
+        self.cache = model.new_cache(B, L + max_new_tokens) if use_cache else None
+        V = model.config.vocab_size
+        self.seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        self.seen.scatter_(1, self.ids, self.valid)  # real prompt tokens only
+
+    def seen_add(self, tok: torch.Tensor) -> None:
+        self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+
+    def _last_logits(self, ids, pos, mask) -> torch.Tensor:
+        h = self.model.hidden_states(ids, pos, mask, self.cache)[:, -1]  # (B, C)
+        return self.model.lm_head(h)  # (B, V)
+
+    def first(self) -> torch.Tensor:
+        if not self.padded:
+            return self._last_logits(self.ids, None, None)
+        return self._last_logits(self.ids, self.pos, causal_padding_mask(self.valid))
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        tok = tok[:, None]  # (B, 1)
+        if self.use_cache:
+            pos = self.next_pos if self.padded else None
+            mask = None
+            if self.padded:  # the new token sees every real token so far: (B, 1, 1, past+1)
+                self.valid = torch.cat([self.valid, torch.ones_like(tok, dtype=torch.bool)], dim=1)
+                mask = self.valid[:, None, None, :]
+            self.next_pos = self.next_pos + 1
+            return self._last_logits(tok, pos, mask)
+        # no cache: the whole sequence again
+        self.ids = torch.cat([self.ids, tok], dim=1)
+        self.valid = torch.cat([self.valid, torch.ones_like(tok, dtype=torch.bool)], dim=1)
+        self.pos = torch.cat([self.pos, self.next_pos], dim=1)
+        self.next_pos = self.next_pos + 1
+        if not self.padded:
+            return self._last_logits(self.ids, None, None)
+        return self._last_logits(self.ids, self.pos, causal_padding_mask(self.valid))
+
+
+class _T5Stepper:
+    """Encoder-decoder state: encoder output and mask, decoder tokens and cache."""
+
+    def __init__(self, model: T5, prompts, max_new_tokens: int, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        dev = model.embed.weight.device
+        start = model.config.pad_id
+        ids, valid = left_pad(prompts, start, dev)
+        self.enc_mask = valid if not bool(valid.all()) else None
+        self.memory = model.encode(ids, self.enc_mask)  # (B, S, C)
+        B = ids.shape[0]
+        self.dec = torch.full((B, 1), start, dtype=torch.long, device=dev)  # decoder start token
+        self.cache = model.new_cache(B, max_new_tokens) if use_cache else None
+        # like transformers, the penalty looks at the decoder's tokens (start token included)
+        self.seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=dev)
+        self.seen[:, start] = True
+
+    def seen_add(self, tok: torch.Tensor) -> None:
+        self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+
+    def _last_logits(self, dec_ids) -> torch.Tensor:
+        m = self.model
+        h = m.decode(dec_ids, self.memory, self.enc_mask, cache=self.cache)[:, -1]
+        return m.lm_head(m.head_input(h))
+
+    def first(self) -> torch.Tensor:
+        return self._last_logits(self.dec)
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        if self.use_cache:
+            return self._last_logits(tok[:, None])
+        self.dec = torch.cat([self.dec, tok[:, None]], dim=1)
+        return self._last_logits(self.dec)

@@ -1,0 +1,540 @@
+"""Native <-> Hugging Face transformers conversion for every family, both ways.
+
+Targets: gpt2-style GPT <-> GPT2LMHeadModel, llama-style GPT <-> LlamaForCausalLM (grouped-query
+attention; our rotary layout is HF's "rotate half", so q/k need no permutation), BERT <->
+BertForMaskedLM, T5 <-> T5ForConditionalGeneration.
+
+One table per architecture (`_maps`) lists, for each native tensor, the HF tensors it corresponds
+to: a plain copy, a transpose (GPT-2's Conv1D stores (in, out)), or a split along rows (our fused
+q|k|v and gate|up matmuls are several HF Linears). Export walks the table one tensor at a time
+and writes safetensors shards as they fill, so at most one shard exists next to the native
+weights; import reads tensor by tensor and refuses any HF tensor it does not consume, so a
+mismatch fails loudly instead of producing gibberish. Transposes, slices and concatenations
+copy values exactly: native -> HF -> native is bit-exact.
+
+A native configuration with no HF equivalent raises ConversionError naming the blocking option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from llmstack.models.bert import BertConfig
+from llmstack.models.gpt import GPTConfig
+from llmstack.models.t5 import T5Config
+
+
+class ConversionError(ValueError):
+    """A configuration or checkpoint that has no faithful counterpart on the other side."""
+
+
+# our activation names <-> transformers' ACT2FN names (gelu_new and gelu_pytorch_tanh are both
+# the tanh approximation; gelu is the exact erf form)
+_TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+_FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                "silu": "silu", "swish": "silu"}
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
+                 "t5": "T5ForConditionalGeneration"}
+
+
+@dataclass(frozen=True)
+class Map:
+    """native tensor <-> HF tensors: rows split into `hf` parts (sizes `rows`), optionally transposed."""
+
+    native: str
+    hf: tuple[str, ...]
+    rows: tuple[int, ...] | None = None  # None: one part, all rows
+    transpose: bool = False
+    optional: bool = False  # import: skipped when the checkpoint lacks it (a later entry supplies the tensor)
+
+
+def _one(native: str, hf: str, transpose: bool = False) -> Map:
+    return Map(native, (hf,), None, transpose)
+
+
+def _linear(native: str, hf: str, bias: bool) -> list[Map]:
+    return [_one(f"{native}.weight", f"{hf}.weight")] + ([_one(f"{native}.bias", f"{hf}.bias")] if bias else [])
+
+
+def _split(native: str, hfs: list[str], rows: list[int], bias: bool) -> list[Map]:
+    maps = [Map(f"{native}.weight", tuple(f"{h}.weight" for h in hfs), tuple(rows))]
+    if bias:
+        maps.append(Map(f"{native}.bias", tuple(f"{h}.bias" for h in hfs), tuple(rows)))
+    return maps
+
+
+def _norm(native: str, hf: str, bias: bool) -> list[Map]:
+    return _linear(native, hf, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which HF architecture a native config maps to (or why none does)
+# ---------------------------------------------------------------------------------------------
+
+
+def target(family: str, cfg) -> str:
+    """The HF architecture key ("gpt2", "llama", "bert", "t5") for this config, or ConversionError."""
+    if family == "gpt":
+        return _gpt_target(cfg)
+    if family == "bert":
+        if cfg.prenorm:
+            raise ConversionError("model.prenorm=true has no Hugging Face equivalent: BertForMaskedLM is post-LN "
+                                  "(set model.prenorm=false to train an exportable BERT)")
+        _hf_act(cfg.activation, "model.activation")
+        return "bert"
+    if family == "t5":
+        return "t5"
+    raise ConversionError(f"model family {family!r} has no Hugging Face mapping")
+
+
+def _hf_act(act: str, key: str) -> str:
+    if act not in _TO_HF_ACT:
+        raise ConversionError(f"{key}={act} has no Hugging Face activation")
+    return _TO_HF_ACT[act]
+
+
+def _gpt_target(c: GPTConfig) -> str:
+    if c.pos == "learned":  # GPT-2 is the HF model with learned absolute positions
+        blockers = [(c.norm != "layernorm", f"model.norm={c.norm} (needs layernorm)"),
+                    (not c.bias, "model.bias=false (needs true: GPT-2's Conv1D and LayerNorm have biases)"),
+                    (c.mlp != "gelu", f"model.mlp={c.mlp} (needs the plain gelu MLP)"),
+                    (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")]
+        name, arch = "gpt2", "GPT2LMHeadModel"
+    else:  # rotary: LLaMA
+        blockers = [(c.norm != "rmsnorm", f"model.norm={c.norm} (needs rmsnorm)"),
+                    (c.mlp != "swiglu", f"model.mlp={c.mlp} (needs the gated swiglu MLP)")]
+        name, arch = "llama", "LlamaForCausalLM"
+    bad = [msg for cond, msg in blockers if cond]
+    if bad:
+        raise ConversionError(f"no Hugging Face architecture matches this GPT: with model.pos={c.pos} the target is "
+                              f"{arch}, which this config does not fit: " + "; ".join(bad))
+    _hf_act(c.act, "model.activation")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _maps(arch: str, cfg) -> list[Map]:
+    return {"gpt2": _gpt2_maps, "llama": _llama_maps, "bert": _bert_maps, "t5": _t5_maps}[arch](cfg)
+
+
+def _gpt2_maps(c: GPTConfig) -> list[Map]:
+    t = "transformer"
+    maps = [_one("wte.weight", f"{t}.wte.weight"), _one("wpe.weight", f"{t}.wpe.weight")]
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"{t}.h.{i}"
+        maps += _norm(f"{n}.ln_1", f"{h}.ln_1", True) + _norm(f"{n}.ln_2", f"{h}.ln_2", True)
+        for native, hf in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                           ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            # Conv1D keeps weights as (in, out): the transpose of nn.Linear's (out, in)
+            maps += [_one(f"{n}.{native}.weight", f"{h}.{hf}.weight", transpose=True),
+                     _one(f"{n}.{native}.bias", f"{h}.{hf}.bias")]
+    maps += _norm("ln_f", f"{t}.ln_f", True)
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "lm_head.weight"))
+    return maps
+
+
+def _llama_maps(c: GPTConfig) -> list[Map]:
+    maps = [_one("wte.weight", "model.embed_tokens.weight")]
+    q, kv, ff = c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.ff_dim
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"model.layers.{i}"
+        maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", False)
+        maps += _split(f"{n}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], c.bias)
+        maps += _linear(f"{n}.attn.proj", f"{h}.self_attn.o_proj", c.bias)
+        maps += _norm(f"{n}.ln_2", f"{h}.post_attention_layernorm", False)
+        maps += _split(f"{n}.mlp.fc", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], [ff, ff], c.bias)
+        maps += _linear(f"{n}.mlp.proj", f"{h}.mlp.down_proj", c.bias)
+    maps += _norm("ln_f", "model.norm", False)
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "lm_head.weight"))
+    return maps
+
+
+def _bert_maps(c: BertConfig) -> list[Map]:
+    e = "bert.embeddings"
+    maps = [_one("wte.weight", f"{e}.word_embeddings.weight"), _one("wpe.weight", f"{e}.position_embeddings.weight"),
+            _one("wtt.weight", f"{e}.token_type_embeddings.weight")] + _norm("ln_emb", f"{e}.LayerNorm", True)
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"bert.encoder.layer.{i}"
+        maps += _split(f"{n}.attn.qkv", [f"{h}.attention.self.{p}" for p in ("query", "key", "value")],
+                       [c.d_model] * 3, True)
+        maps += _linear(f"{n}.attn.proj", f"{h}.attention.output.dense", True)
+        maps += _norm(f"{n}.ln_1", f"{h}.attention.output.LayerNorm", True)
+        maps += _linear(f"{n}.mlp.fc", f"{h}.intermediate.dense", True)
+        maps += _linear(f"{n}.mlp.proj", f"{h}.output.dense", True)
+        maps += _norm(f"{n}.ln_2", f"{h}.output.LayerNorm", True)
+    maps += _linear("head_dense", "cls.predictions.transform.dense", True)
+    maps += _norm("head_ln", "cls.predictions.transform.LayerNorm", True)
+    # The output bias lives twice in BertForMaskedLM: `cls.predictions.bias`, and the decoder's own
+    # bias, which is what the forward uses (transformers ties the two only with tied embeddings).
+    maps += [Map("lm_head.bias", ("cls.predictions.decoder.bias",), optional=True),
+             _one("lm_head.bias", "cls.predictions.bias")]
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "cls.predictions.decoder.weight"))
+    return maps
+
+
+def _t5_maps(c: T5Config) -> list[Map]:
+    inner, ff = c.inner_dim, c.ff_dim
+    maps = [_one("embed.weight", "shared.weight")]
+
+    def ffn(native: str, hf: str) -> list[Map]:
+        if c.ffn == "gated-gelu":
+            fc = _split(f"{native}.fc", [f"{hf}.wi_0", f"{hf}.wi_1"], [ff, ff], False)
+        else:
+            fc = _linear(f"{native}.fc", f"{hf}.wi", False)
+        return fc + _linear(f"{native}.proj", f"{hf}.wo", False)
+
+    for stack, n_layers in (("encoder", c.n_layer), ("decoder", c.decoder_layers)):
+        maps.append(_one(f"{stack}.rel_bias.weight",
+                         f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", transpose=False))
+        for i in range(n_layers):
+            n, h = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer"
+            sa = "attn" if stack == "encoder" else "self_attn"
+            maps += _norm(f"{n}.ln_1", f"{h}.0.layer_norm", False)
+            maps += _split(f"{n}.{sa}.qkv", [f"{h}.0.SelfAttention.{p}" for p in "qkv"], [inner] * 3, False)
+            maps += _linear(f"{n}.{sa}.proj", f"{h}.0.SelfAttention.o", False)
+            if stack == "decoder":
+                maps += _norm(f"{n}.ln_2", f"{h}.1.layer_norm", False)
+                maps += _linear(f"{n}.cross_attn.q", f"{h}.1.EncDecAttention.q", False)
+                maps += _split(f"{n}.cross_attn.kv", [f"{h}.1.EncDecAttention.{p}" for p in "kv"], [inner] * 2, False)
+                maps += _linear(f"{n}.cross_attn.proj", f"{h}.1.EncDecAttention.o", False)
+                maps += _norm(f"{n}.ln_3", f"{h}.2.layer_norm", False) + ffn(f"{n}.mlp", f"{h}.2.DenseReluDense")
+            else:
+                maps += _norm(f"{n}.ln_2", f"{h}.1.layer_norm", False) + ffn(f"{n}.mlp", f"{h}.1.DenseReluDense")
+        maps += _norm(f"{stack}.ln_f", f"{stack}.final_layer_norm", False)
+    # Written whenever the decoder output is not rescaled (also when tied): transformers 5 decides
+    # the rescale from tie_word_embeddings and ties only when the two tensors are equal.
+    if not c.tie_embeddings or not c.rescale:
+        maps.append(Map("lm_head.weight" if not c.tie_embeddings else "embed.weight", ("lm_head.weight",)))
+    return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_id: int | None):
+    """The transformers config object for a native config (ConversionError if there is none)."""
+    import transformers as tf
+
+    arch = target(family, cfg)
+    ids = dict(pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
+    common = dict(architectures=[ARCHITECTURES[arch]], tie_word_embeddings=cfg.tie_embeddings, **ids)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.ff_dim,
+                             activation_function=_hf_act(cfg.act, "model.activation"), resid_pdrop=cfg.dropout,
+                             embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout, layer_norm_epsilon=cfg.norm_eps,
+                             initializer_range=cfg.init_std, **common)
+    if arch == "llama":
+        act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else _hf_act(cfg.act, "model.activation")
+        return tf.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+                              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                              num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=act,
+                              max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                              rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+                              attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.attn_dropout,
+                              initializer_range=cfg.init_std, **common)
+    if arch == "bert":
+        return tf.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                             num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
+                             hidden_act=_hf_act(cfg.activation, "model.activation"), hidden_dropout_prob=cfg.dropout,
+                             attention_probs_dropout_prob=cfg.attn_dropout, max_position_embeddings=cfg.max_seq_len,
+                             type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.init_std,
+                             layer_norm_eps=cfg.norm_eps, **common)
+    # T5: transformers 5 reads tie_word_embeddings as "rescale the decoder output by d_model**-0.5"
+    # (scale_decoder_outputs) and ties the LM head to the embedding when its tensor is absent or equal.
+    common.update(tie_word_embeddings=cfg.rescale, pad_token_id=cfg.pad_id)
+    return tf.T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.ff_dim,
+                       num_layers=cfg.n_layer, num_decoder_layers=cfg.decoder_layers, num_heads=cfg.n_head,
+                       relative_attention_num_buckets=cfg.rel_buckets,
+                       relative_attention_max_distance=cfg.rel_max_distance, dropout_rate=cfg.dropout,
+                       layer_norm_epsilon=cfg.norm_eps, initializer_factor=cfg.init_factor, feed_forward_proj=cfg.ffn,
+                       decoder_start_token_id=cfg.pad_id, **common)
+
+
+def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str], bool]) -> tuple[str, str, object]:
+    """(family, arch, native config) from a config.json dict.
+
+    `has(key)` says whether the checkpoint holds a tensor and `same(a, b)` whether two tensors are
+    equal; they decide whether the output embedding is tied (absent, or equal to the input one).
+    """
+    mt = hf.get("model_type")
+
+    def act(name: str, key: str) -> str:
+        if name not in _FROM_HF_ACT:
+            raise ConversionError(f"{key}={name!r} is not supported (supported: {', '.join(_FROM_HF_ACT)})")
+        return _FROM_HF_ACT[name]
+
+    def tied(out_key: str, emb_key: str) -> bool:
+        return not has(out_key) or same(out_key, emb_key)
+
+    if mt == "gpt2":
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("add_cross_attention", False)):
+            if hf.get(key, ok) != ok:
+                raise ConversionError(f"GPT-2 config {key}={hf.get(key)} is not supported")
+        n_embd = hf.get("n_embd", 768)
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
+                        d_model=n_embd, d_ff=hf.get("n_inner") or 4 * n_embd, max_seq_len=hf.get("n_positions", 1024),
+                        pos="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+                        activation=act(hf.get("activation_function", "gelu_new"), "activation_function"), bias=True,
+                        tie_embeddings=tied("lm_head.weight", "transformer.wte.weight"),
+                        dropout=hf.get("resid_pdrop", 0.0), attn_dropout=hf.get("attn_pdrop", 0.0),
+                        init_std=hf.get("initializer_range", 0.02))
+        return "gpt", "gpt2", cfg
+    if mt == "llama":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConversionError(f"LLaMA rope type {rope.get('rope_type') or rope.get('type')!r} is not supported "
+                                  "(only the default rotary embedding)")
+        heads, d = hf["num_attention_heads"], hf["hidden_size"]
+        if hf.get("head_dim") not in (None, d // heads):
+            raise ConversionError(f"LLaMA head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
+        if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+            raise ConversionError("LLaMA attention_bias != mlp_bias is not supported (one `bias` option here)")
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+                        n_kv_head=hf.get("num_key_value_heads") or heads, d_model=d, d_ff=hf["intermediate_size"],
+                        max_seq_len=hf.get("max_position_embeddings", 2048), pos="rotary", norm="rmsnorm",
+                        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                        activation=act(hf.get("hidden_act", "silu"), "hidden_act"), bias=bool(hf.get("attention_bias")),
+                        tie_embeddings=tied("lm_head.weight", "model.embed_tokens.weight"),
+                        attn_dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
+                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        return "gpt", "llama", cfg
+    if mt == "bert":
+        if hf.get("is_decoder") or hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ConversionError("only encoder BERT with absolute positions is supported")
+        if not has("cls.predictions.transform.dense.weight"):
+            raise ConversionError("this BERT checkpoint has no masked-LM head (cls.predictions.*): "
+                                  "import a BertForMaskedLM / BertForPreTraining checkpoint")
+        cfg = BertConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                         n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+                         max_seq_len=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+                         norm_eps=hf.get("layer_norm_eps", 1e-12), activation=act(hf.get("hidden_act", "gelu"), "hidden_act"),
+                         tie_embeddings=tied("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+                         dropout=hf.get("hidden_dropout_prob", 0.0), attn_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+                         init_std=hf.get("initializer_range", 0.02), pad_id=hf.get("pad_token_id") or 0)
+        return "bert", "bert", cfg
+    if mt == "t5":
+        ffn = hf.get("feed_forward_proj", "relu")
+        if ffn not in ("gated-gelu", "relu"):
+            raise ConversionError(f"T5 feed_forward_proj={ffn!r} is not supported (gated-gelu or relu)")
+        cfg = T5Config(vocab_size=hf["vocab_size"], n_layer=hf["num_layers"],
+                       n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+                       d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"], ffn=ffn,
+                       rel_buckets=hf.get("relative_attention_num_buckets", 32),
+                       rel_max_distance=hf.get("relative_attention_max_distance", 128),
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=tied("lm_head.weight", "shared.weight"),
+                       rescale_output=_t5_rescale(hf), dropout=hf.get("dropout_rate", 0.0),
+                       init_factor=hf.get("initializer_factor", 1.0),
+                       pad_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")) or 0)
+        return "t5", "t5", cfg
+    raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, llama, bert, t5)")
+
+
+def _t5_rescale(hf: dict) -> bool:
+    """Whether T5's decoder output is scaled by d_model**-0.5: transformers 5 writes
+    `scale_decoder_outputs`; before it, (and absent) it followed tie_word_embeddings (default true)."""
+    if "scale_decoder_outputs" in hf:
+        return bool(hf["scale_decoder_outputs"])
+    return bool(hf.get("tie_word_embeddings", True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def to_hf_tensors(family: str, cfg, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of a native state dict, one at a time.
+
+    Entries are popped from `state` as they are converted, so the caller's dict shrinks while the
+    HF copy grows: the two never both hold every tensor.
+    """
+    maps = _maps(target(family, cfg), cfg)
+    needed = {m.native for m in maps}
+    missing = sorted(needed - set(state))
+    if missing:
+        raise ConversionError(f"native weights lack {missing[:5]}")
+    last_use = {m.native: i for i, m in enumerate(maps)}
+    done = set()
+    for i, m in enumerate(maps):
+        t = state[m.native]
+        if m.native in done:  # a second HF copy of one tensor (safetensors refuses shared storage)
+            t = t.clone()
+        done.add(m.native)
+        parts = t.split(list(m.rows), dim=0) if m.rows else (t,)
+        for name, part in zip(m.hf, parts):
+            yield name, (part.t() if m.transpose else part).contiguous()
+        if last_use[m.native] == i:
+            state.pop(m.native)
+
+
+def from_hf_tensors(arch: str, cfg, get: Callable[[str], torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
+    """Native state dict (fp32) from HF tensors; every HF tensor must be consumed or known-redundant."""
+    state, used = {}, set()
+    for m in _maps(arch, cfg):
+        if m.native in state:  # an entry written twice on export (T5's untied-equal head) is read once
+            used.update(n for n in m.hf if n in keys)
+            continue
+        absent = [n for n in m.hf if n not in keys]
+        if absent and m.optional:
+            continue
+        if absent:
+            raise ConversionError(f"HF checkpoint lacks {absent[:3]} (needed for {m.native})")
+        parts = [get(n).float() for n in m.hf]
+        parts = [p.t() for p in parts] if m.transpose else parts
+        state[m.native] = torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        used.update(m.hf)
+    redundant = _redundant_keys(arch, cfg)
+    unused = sorted(k for k in keys - used if not any(k == r or k.endswith(r) for r in redundant))
+    if unused:
+        raise ConversionError(f"HF checkpoint has weights this conversion does not understand: {unused[:5]}")
+    return state
+
+
+def _redundant_keys(arch: str, cfg) -> tuple[str, ...]:
+    """HF tensors that carry nothing of their own: tied copies and non-learned buffers."""
+    common = ("lm_head.weight",) if cfg.tie_embeddings else ()  # equal to the input embedding
+    return common + {
+        "gpt2": (".attn.bias", ".attn.masked_bias"),
+        "llama": (".rotary_emb.inv_freq",),
+        "bert": ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight", "embeddings.position_ids",
+                 "bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
+                 "cls.seq_relationship.bias"),
+        "t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+    }[arch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def save_pretrained(family: str, cfg, state: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
+                    pad_id=None, bos_id=None, eos_id=None, max_shard_bytes: int = 5 << 30,
+                    dtype: torch.dtype | None = None) -> list[Path]:
+    """Write config.json and model.safetensors (or shards + index) for transformers' from_pretrained.
+
+    Consumes `state` (see to_hf_tensors). Shards are written as they fill; returns their paths.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(family, cfg, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)  # refuses before any write
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    files: list[Path] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            path = out / f".shard-{len(files):05d}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            files.append(path)
+            shard, size = {}, 0
+
+    for name, t in to_hf_tensors(family, cfg, state):
+        if dtype is not None:
+            t = t.to(dtype)
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_shard_bytes:
+            flush()
+        shard[name], size, total = t, size + n, total + n
+        weight_map[name] = len(files)
+    flush()
+    if len(files) == 1:
+        final = [out / "model.safetensors"]
+    else:
+        final = [out / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i].name for k, i in sorted(weight_map.items())}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for src, dst in zip(files, final):
+        os.replace(src, dst)
+    config.save_pretrained(str(out))
+    return final
+
+
+class _Reader:
+    """Tensors of an HF directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+
+    def __init__(self, d: Path):
+        from safetensors import safe_open
+
+        self.handles, self.where = [], {}
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (d / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            files = []
+        for f in files:
+            h = safe_open(str(d / f), framework="pt")
+            self.handles.append(h)
+            for k in h.keys():
+                self.where[k] = h
+        self.bin = None
+        if not files:
+            if not (d / "pytorch_model.bin").is_file():
+                raise ConversionError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
+            self.bin = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+    def keys(self) -> set[str]:
+        return set(self.bin) if self.bin is not None else set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.bin[key] if self.bin is not None else self.where[key].get_tensor(key)
+
+
+def load_pretrained(hf_dir: str | os.PathLike) -> tuple[str, object, dict[str, torch.Tensor], dict]:
+    """(family, native config, native fp32 state dict, HF config dict) from an HF model directory."""
+    d = Path(hf_dir)
+    if not (d / "config.json").is_file():
+        raise ConversionError(f"{d} is not a Hugging Face model directory (no config.json)")
+    hf = json.loads((d / "config.json").read_text())
+    reader = _Reader(d)
+    keys = reader.keys()
+    # checkpoints saved from the bare GPT2Model have no "transformer." prefix
+    if hf.get("model_type") == "gpt2" and "wte.weight" in keys:
+        raw = {k: k for k in keys}
+        keys = {f"transformer.{k}" for k in raw}
+        get = lambda k: reader.get(k.removeprefix("transformer."))  # noqa: E731
+    else:
+        get = reader.get
+
+    def same(a: str, b: str) -> bool:
+        return a in keys and b in keys and torch.equal(get(a), get(b))
+
+    family, arch, cfg = native_config(hf, lambda k: k in keys, same)
+    return family, cfg, from_hf_tensors(arch, cfg, get, keys), hf

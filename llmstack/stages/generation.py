@@ -1,0 +1,68 @@
+"""`llmstack generate`: decode continuations of prompts from a GPT or T5 model.
+
+The model comes from a checkpoint, a consolidated / imported directory, or a Hugging Face
+directory. GPT prompts are preceded by EOS when the tokenizer is llmstack's (pretraining
+documents follow an EOS, so this is "start of a document"); T5 prompts end with EOS, as the
+encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmstack.errors import UsageError
+from llmstack.generate import generate
+from llmstack.train.checkpoint import load_for_inference
+
+
+def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
+    """Ids of --stop strings; each must be one token (a special token such as <|end|>, or text)."""
+    ids = []
+    for s in stops:
+        tid = tokenizer.token_to_id(s)
+        if tid is None:
+            enc = tokenizer.encode(s)
+            if len(enc) != 1:
+                raise UsageError(f"--stop {s!r} is {len(enc)} tokens; a stop must be a single token")
+            tid = enc[0]
+        ids.append(tid)
+    return ids
+
+
+def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+        top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] = (), seed: int = 0,
+        tokenizer_path: str | None = None, use_cache: bool = True) -> list[str]:
+    """Generate and print one continuation per prompt; returns the texts."""
+    for name, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0),
+                            ("--top-p", top_p, 0 < top_p <= 1), ("--repetition-penalty", repetition_penalty,
+                                                                 repetition_penalty > 0)):
+        if not ok:
+            raise UsageError(f"{name} {value} is out of range")
+    model, tok, info = load_for_inference(model_path, tokenizer_path)
+    family = info.get("model_family", "gpt")
+    if family not in ("gpt", "t5"):
+        raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")
+    eos = tok.eos_id if tok.eos_id is not None else (info.get("special_ids") or {}).get("eos")
+    ids = [tok.encode(p) for p in prompts]
+    if family == "gpt" and tok.meta and eos is not None:
+        ids = [[eos] + x for x in ids]
+    if family == "t5" and eos is not None:
+        ids = [x + [eos] for x in ids]
+    if any(len(x) == 0 for x in ids):
+        raise UsageError("empty prompt: give at least one token of text")
+    stops = stop_token_ids(tok, list(stop)) + ([eos] if eos is not None else [])
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    try:
+        out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, stop_ids=stops, pad_id=pad, use_cache=use_cache,
+                       generator=torch.Generator().manual_seed(seed))
+    except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
+        raise UsageError(str(e)) from None
+    texts = []
+    for prompt, new in zip(prompts, out):
+        new = new[:-1] if new and new[-1] in stops else new
+        text = tok.decode(new)
+        texts.append(text)
+        print(f"--- prompt: {prompt!r}\n{prompt if family == 'gpt' else ''}{text}", flush=True)
+    return texts
