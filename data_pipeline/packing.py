@@ -108,16 +108,16 @@ class Context:
     def fill(self, packer: Packer, need: int) -> None:
         """Top up ``packer`` to at least ``need`` tokens, and with it the packers that are running
         low, so that one encode_batch call gets enough documents to keep the tokenizer's threads
-        busy (and its per-call cost small): packers are topped up to 8 windows, lowest first,
-        until the batch holds MIN_BATCH_CHARS characters and no packer is below 3 windows."""
+        busy (and its per-call cost small). Each packer is topped up to its ``target`` (what its
+        stream takes from it per shuffle block, at least 8 windows), emptiest first, until the
+        batch holds MIN_BATCH_CHARS characters and no packer is below 3 windows."""
         w = self.T + 1
-        target = max(need, 8 * w)
-        volume = packer.pull(target)
+        volume = packer.pull(max(need, packer.target))
         group = [packer]
-        for p in sorted((p for p in self.packers if p is not packer and not p.exhausted), key=lambda p: p.ntok):
-            if p.ntok >= target or (p.ntok >= 3 * w and volume >= MIN_BATCH_CHARS):
+        for p in sorted((p for p in self.packers if p is not packer and not p.exhausted), key=lambda p: p.ntok / p.target):
+            if p.ntok >= p.target or (p.ntok >= 3 * w and volume >= MIN_BATCH_CHARS):
                 break
-            volume += p.pull(target)
+            volume += p.pull(p.target)
             group.append(p)
         docs = [d for p in group for d in p.pending if d.ids is None]
         if docs:
@@ -266,8 +266,9 @@ class Packer:
     remainder, done]; the first four say where the next window starts.
     """
 
-    def __init__(self, ctx: Context, s: int, i: int, cursor: list):
+    def __init__(self, ctx: Context, s: int, i: int, cursor: list, target: int | None = None):
         self.ctx = ctx
+        self.target = max(target or 0, 8 * (ctx.T + 1))  # tokens to hold after a top-up (Context.fill)
         e, f, pos, tok, self.seqs, self.remainder, self.done = cursor
         self.start = [e, f, pos, tok]
         self.skip = tok  # tokens of the first document already consumed before a resume

@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -221,7 +222,12 @@ class _Stream:
 
     def __init__(self, ctx: Context, s: int, state: dict, cfg: StreamConfig, weights: list[float]):
         self.s, self.cfg, self.weights = s, cfg, weights
-        self.packers = [Packer(ctx, s, i, list(c)) for i, c in enumerate(state["src"])]
+        B, T = cfg.shuffle_windows, cfg.seq_len
+        # each packer is topped up by about what one block takes from it, so making a block
+        # costs one tokenizer call for the whole stream rather than one per few windows
+        share = [w / sum(weights) for w in weights]
+        self.packers = [Packer(ctx, s, i, list(c), target=math.ceil(B * share[i] + 2) * T)
+                        for i, c in enumerate(state["src"])]
         self.k, self.n = state["k"], list(state["n"])
         self.block: list | None = None  # windows of the current block (None: not made yet)
         self.block_start = [list(c) for c in state["src"]]
