@@ -7,6 +7,7 @@ its own file. Models never import torch.distributed or deepspeed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -83,6 +84,8 @@ def attention(
     position bias, with -inf-like values where attention is not allowed), or None; with a mask,
     `causal` must already be folded into it. `scale` defaults to 1/sqrt(hd) (T5 uses 1).
     """
+    if q.stride(-1) != 1:  # SDPA's flash kernel needs unit stride in the head dim (else: the slow math path)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         # expand instead of SDPA's enable_gqa: the latter falls back to the math kernel on CPU.
@@ -142,24 +145,54 @@ class KVCache:
 # Linear layers and MLPs
 # ---------------------------------------------------------------------------------------------
 
-# Why a Linear subclass: while decoding, a layer sees one row per sequence (B rows, B <= 64), and
-# on CPU the GEMM x @ W.T of that shape (few rows, weight transposed) runs well below the same
-# product computed as (W @ x.T).T, a tall-skinny GEMM that streams W row by row (measured on the
-# 2-core machine, gpt2-tiny at batch 16: ~25% less time per decoding step). Only in inference
-# mode (generate.py), so training and evaluation keep the exact numerics of nn.Linear.
+# Why a Linear subclass: decoding on CPU streams every weight once per token, and how fast
+# depends on the shape of the product (measured on the 2-core machine, weights read from memory):
+# - a few rows (one new token per sequence, 2..64 sequences): x @ W.T runs well below the same
+#   product as (W @ x.T).T, a tall-skinny GEMM that streams W row by row (gpt2-tiny at batch 16:
+#   ~25% less time per decoding step);
+# - one row: the matrix-vector kernel reads a row-major W (out, in) with short rows (in = d_model)
+#   at ~9 GB/s, the transposed W.T (in, out), whose rows are long, at 13-21 GB/s. So inside
+#   `decoding_layout()` (generate.py), a wide Linear (out >= 2 x in: fused QKV, MLP up-projection,
+#   LM head) keeps a transposed copy of its weight for the duration of the generate call.
+# Only in inference mode, so training and evaluation keep the exact numerics of nn.Linear.
 _FEW_ROWS = 64
+_TRANSPOSED: dict | None = None  # Linear -> weight.T (contiguous) while decoding_layout() is active
+
+
+@contextlib.contextmanager
+def decoding_layout():
+    """Let wide Linears keep a transposed weight copy for single-row products (see above).
+
+    The copies are made on first use and dropped on exit: they cost memory (the wide weights
+    once more) only during one generate call, and cannot go stale as weights change between calls.
+    """
+    global _TRANSPOSED
+    outer, _TRANSPOSED = _TRANSPOSED, {}
+    try:
+        yield
+    finally:
+        _TRANSPOSED = outer
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, init and state dict) with a faster few-row path for CPU decoding."""
+    """nn.Linear (same parameters, init and state dict) with faster few-row paths for CPU decoding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_inference_mode_enabled():
             rows = x.numel() // x.shape[-1]
-            if 1 < rows <= _FEW_ROWS:  # (one row is a matrix-vector product either way)
+            # (a ZeRO-3 partitioned weight, marked ds_id, is only whole inside its forward: no copy)
+            if rows == 1 and _TRANSPOSED is not None and self.out_features >= 2 * self.in_features \
+                    and not hasattr(self.weight, "ds_id"):
+                wt = _TRANSPOSED.get(self)
+                if wt is None:
+                    wt = _TRANSPOSED[self] = self.weight.t().contiguous()  # (C_in, C_out)
+                x1 = x.reshape(1, self.in_features)
+                y = x1 @ wt if self.bias is None else torch.addmm(self.bias, x1, wt)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            if 1 < rows <= _FEW_ROWS:
                 xt = x.reshape(rows, x.shape[-1]).t()  # (C_in, rows)
                 y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-                return y.t().reshape(*x.shape[:-1], self.out_features)
+                return y.t().reshape(*x.shape[:-1], self.out_features)  # (a transposed view: no copy)
         return super().forward(x)
 
 

@@ -1,4 +1,5 @@
-"""The fused, chunked LM-head cross-entropy equals the plain F.cross_entropy path."""
+"""The fused, chunked LM-head cross-entropy equals the plain F.cross_entropy path; the decoding
+paths of layers.Linear equal nn.Linear."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def test_linear_cross_entropy_no_grad_and_all_ignored():
         out = layers.linear_cross_entropy(x, w, torch.tensor([1, 2, 3, 4]))
     torch.testing.assert_close(out, F.cross_entropy(x @ w.t(), torch.tensor([1, 2, 3, 4])))
     assert torch.isnan(layers.linear_cross_entropy(x, w, torch.full((4,), -100)))
+
+
+def test_linear_decoding_paths_equal_nn_linear():
+    """layers.Linear's few-row and transposed-weight paths compute nn.Linear's product."""
+    torch.manual_seed(0)
+    for bias in (True, False):
+        wide = layers.Linear(32, 96, bias=bias)  # out >= 2 x in: eligible for the transposed copy
+        for rows in (1, 3, 16, 100):
+            x = torch.randn(rows, 1, 32)
+            ref = F.linear(x, wide.weight, wide.bias)
+            with torch.inference_mode(), layers.decoding_layout():
+                torch.testing.assert_close(wide(x), ref, rtol=1e-5, atol=1e-6)
+                assert (wide in layers._TRANSPOSED) == (rows == 1)
+            assert layers._TRANSPOSED is None  # copies dropped with the context
+    # outside inference mode nn.Linear itself runs (training numerics untouched)
+    x = torch.randn(4, 32, requires_grad=True)
+    assert torch.equal(wide(x), F.linear(x, wide.weight, wide.bias))
