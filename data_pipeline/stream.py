@@ -432,41 +432,29 @@ def merge_states(states: Iterable[dict]) -> dict:
 # Small in-memory helpers (evaluation scores whole texts, the quickstart reports an entropy)
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer, batch_docs: int = 256) -> np.ndarray:
-    """All documents' ids, each followed by EOS, as one flat int64 array (held in memory)."""
-    chunks: list[np.ndarray] = []
+def _encoded_documents(texts: Iterable[str], tokenizer, batch_docs: int) -> Iterator[np.ndarray]:
+    """Each document's ids followed by EOS, encoded `batch_docs` at a time (encode_batch uses every core)."""
     batch: list[str] = []
-
-    def flush():
-        for ids in tokenizer.encode_batch(batch):
-            chunks.append(np.asarray([*ids, tokenizer.eos_id], dtype=np.int64))
-        batch.clear()
-
     for text in texts:
         batch.append(text)
         if len(batch) >= batch_docs:
-            flush()
+            yield from (np.asarray([*ids, tokenizer.eos_id], dtype=np.int64) for ids in tokenizer.encode_batch(batch))
+            batch.clear()
     if batch:
-        flush()
+        yield from (np.asarray([*ids, tokenizer.eos_id], dtype=np.int64) for ids in tokenizer.encode_batch(batch))
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer, batch_docs: int = 256) -> np.ndarray:
+    """All documents' ids, each followed by EOS, as one flat int64 array (held in memory)."""
+    chunks = list(_encoded_documents(texts, tokenizer, batch_docs))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
 def token_counts(texts: Iterable[str], tokenizer, batch_docs: int = 256) -> np.ndarray:
     """Per-id counts over documents (each with its EOS), streamed: memory is one vocabulary."""
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    batch: list[str] = []
-
-    def flush():
-        for ids in tokenizer.encode_batch(batch):
-            counts[:] += np.bincount(np.asarray([*ids, tokenizer.eos_id]), minlength=len(counts))
-        batch.clear()
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) >= batch_docs:
-            flush()
-    if batch:
-        flush()
+    for ids in _encoded_documents(texts, tokenizer, batch_docs):
+        counts += np.bincount(ids, minlength=len(counts))
     return counts
 
 

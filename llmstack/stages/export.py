@@ -69,8 +69,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtype: str = "fp32",
            max_shard_size: str = "5GB") -> Path:
     """Write a Hugging Face model directory (config, safetensors, tokenizer) for `checkpoint`."""
-    from data_pipeline.tokenizer import load_tokenizer
-
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
     info = _peek_info(checkpoint)
@@ -82,13 +80,7 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
             raise UsageError(f"cannot export {checkpoint}: {e}") from None
     src, info, state = ckpt.read_weights(checkpoint)
     family, cfg = _arch(info)
-    tok_path = tokenizer_path or info.get("tokenizer_path")
-    if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
-        raise UsageError(f"tokenizer of {checkpoint} not found at {tok_path!r}; pass it with --tokenizer DIR")
-    tok = load_tokenizer(tok_path)
-    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tok.hash:
-        raise UsageError(f"tokenizer mismatch: {checkpoint} was trained with tokenizer {info['tokenizer_hash']}, "
-                         f"{tok_path} is {tok.hash}")
+    tok = ckpt.recorded_tokenizer(info, checkpoint, tokenizer_path)
     out_dir = Path(out)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -101,7 +93,7 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
     except ValueError as e:  # a bad --max-shard-size
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"export: {e}") from None
-    _copy_tokenizer(Path(tok_path), tmp)
+    _copy_tokenizer(Path(tok.path), tmp)
     _replace_dir(tmp, out_dir)
     return out_dir
 

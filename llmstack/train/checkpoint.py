@@ -251,18 +251,11 @@ def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
     The tokenizer is the one recorded with the weights unless `tokenizer_path` is given; its
     hash must match the recorded one either way.
     """
-    from data_pipeline.tokenizer import load_tokenizer
     from llmstack import models
 
     _, info, state = read_weights(path)
     family = info.get("model_family", "gpt")
-    tok_path = tokenizer_path or info.get("tokenizer_path")
-    if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
-        raise UsageError(f"tokenizer of {path} not found at {tok_path!r}; pass its directory explicitly")
-    tokenizer = load_tokenizer(tok_path)
-    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer.hash:
-        raise UsageError(f"tokenizer mismatch: {path} was trained with tokenizer {info['tokenizer_hash']}, "
-                         f"{tok_path} is {tokenizer.hash}")
+    tokenizer = recorded_tokenizer(info, path, tokenizer_path)
     try:
         arch = models.config_from_dict(family, dict(info["model"], activation_checkpointing=False))
     except (ValueError, TypeError) as e:
@@ -272,3 +265,17 @@ def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
     if unexpected or [k for k in missing if not (k == "lm_head.weight" and arch.tie_embeddings)]:
         raise UsageError(f"{path}: weights do not fit the recorded architecture ({missing[:3]}, {unexpected[:3]})")
     return model.eval(), tokenizer, info
+
+
+def recorded_tokenizer(info: dict, where, tokenizer_path: str | None = None):
+    """The tokenizer recorded with a checkpoint (or `tokenizer_path`), checked against its hash."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok_path = tokenizer_path or info.get("tokenizer_path")
+    if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
+        raise UsageError(f"tokenizer of {where} not found at {tok_path!r}; pass its directory with --tokenizer")
+    tokenizer = load_tokenizer(tok_path)
+    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer.hash:
+        raise UsageError(f"tokenizer mismatch: {where} was trained with tokenizer {info['tokenizer_hash']}, "
+                         f"{tok_path} is {tokenizer.hash}")
+    return tokenizer
