@@ -165,9 +165,12 @@ def test_consolidated_zero3_checkpoint_equals_other_stages(runs, tmp_path):
     _, w1 = consolidated(runs.straight_2p(1), tmp_path / "z1")
     _, w0 = consolidated(runs.straight_1p(), tmp_path / "z0")
     assert info3["step"] == 20 and set(w3) == set(w1) == set(w0)
+    # atol 1e-4 (a thirtieth of one Adam step at lr 3e-3): entries whose gradient is near zero get
+    # Adam updates whose sign follows rounding, so runs that reduce in another order differ there
+    # by ~1e-5 after 20 steps; the losses, compared at 1e-5 above, are the equivalence check.
     for k in w3:
-        torch.testing.assert_close(w3[k], w1[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(w3[k], w0[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w3[k], w1[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w3[k], w0[k], rtol=1e-4, atol=1e-4)
     model = GPT(GPTConfig(**info3["model"]))
     missing, unexpected = model.load_state_dict(w3, strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied: stored once
