@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        rc = _dispatch(args)
+        if "torch.distributed" in sys.modules:  # only commands that started a process group
+            from llmstack.dist import env
+
+            env.shutdown()
+        return rc
     except UsageError as e:
         # Errors every rank meets are printed once; bad data is met by one rank, which says so.
         every_rank = getattr(e, "every_rank", False)

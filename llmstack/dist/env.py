@@ -130,7 +130,14 @@ def hostname() -> str:
 
 
 def shutdown() -> None:
+    """Tear the process group down after a successful command: every rank waits for the others,
+    then destroys it. Left to interpreter exit, the backend's worker threads can be destroyed
+    while still joinable, which aborts the process ("terminate called without an active
+    exception") after all work is done and turns a finished run into a failed one."""
     if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            barrier()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     sys.stdout.flush()
+    sys.stderr.flush()
