@@ -222,3 +222,150 @@ def corpus_stats(split: str = "train") -> dict:
         chars += len(text)
         nbytes += len(text.encode("utf-8"))
     return {"split": split, "documents": docs, "characters": chars, "bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT demo pairs: "What does `json.dumps` do?" -> the first paragraph of its docstring
+# ---------------------------------------------------------------------------------------------
+
+SFT_PAIRS_VERSION = 1
+_PAIR_MIN_CHARS, _PAIR_MAX_CHARS = 24, 400
+
+
+def _first_paragraph(doc: str) -> str | None:
+    """The first paragraph of a docstring as one line, or None if unusable as an answer
+    (too short or long, or a signature line such as "dumps(obj) -> str")."""
+    para = doc.strip().split("\n\n", 1)[0]
+    text = " ".join(para.split())
+    if not (_PAIR_MIN_CHARS <= len(text) <= _PAIR_MAX_CHARS) or "->" in text.split(".", 1)[0]:
+        return None
+    return text
+
+
+def _module_pairs(module: str, path: str) -> list[dict]:
+    """Instruction pairs of a module's public functions, classes and methods, in source order."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError, OSError):
+        return []
+    out = []
+
+    def add(node, qualname: str) -> None:
+        answer = _first_paragraph(ast.get_docstring(node, clean=True) or "")
+        if answer is None:
+            return
+        kind = "class" if isinstance(node, ast.ClassDef) else "function"
+        question = f"What is `{module}.{qualname}`?" if kind == "class" else f"What does `{module}.{qualname}` do?"
+        out.append({"module": module, "name": qualname, "kind": kind, "prompt": question, "response": answer})
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            add(node, node.name)
+            if isinstance(node, ast.ClassDef):
+                for sub in node.body:
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith("_"):
+                        add(sub, f"{node.name}.{sub.name}")
+    return out
+
+
+def _sft_cache_path(stdlib_dir: str) -> Path:
+    return _cache_path(stdlib_dir).with_name(_cache_path(stdlib_dir).stem + f"-sft{SFT_PAIRS_VERSION}.jsonl")
+
+
+def ensure_sft_cache() -> Path:
+    """Path of the cached demo pairs (both splits, module order), extracting them if needed.
+
+    Public modules only (no path component starting with "_"); written atomically like the corpus.
+    """
+    stdlib_dir = _stdlib_dir()
+    path = _sft_cache_path(stdlib_dir)
+    if path.exists():
+        return path
+    pairs = [p for module, file in _module_files(stdlib_dir)
+             if not any(part.startswith("_") for part in module.split("."))
+             for p in _module_pairs(module, file)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for p in pairs:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def builtin_sft_pairs(split: str = "train") -> Iterator[dict]:
+    """Demo instruction pairs ``{"module", "name", "kind", "prompt", "response"}`` of one split.
+
+    The split is the corpus's split by module (split_of), so validation questions are about
+    modules whose docstrings the pretraining corpus's train split never contained.
+    """
+    check_split(split)
+    path = ensure_sft_cache()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            pair = json.loads(line)
+            if split_of(pair["module"]) == split:
+                yield pair
+
+
+# --- preference pairs and PPO prompts ---
+# Demo preference pairs, derived from the SFT demo pairs: chosen = the true docstring summary,
+# rejected = one of four kinds, in the repeating order PREF_CYCLE (3/8 shuffled, 2/8 truncated,
+# 2/8 repeated, 1/8 other). The corruptions are the failure modes of sampled text (incoherent
+# order, stopping early, degenerate repetition) that a reward model should teach a policy to avoid;
+# "other" asks it to match the answer to the question, which a tiny model learns only partly.
+#   other      the summary of another object of the other sort (a class's summary for a question about
+#              a function and vice versa): fluent, but not an answer to this question
+#   shuffled   the true summary's words in a random order
+#   truncated  the true summary cut after about half of its words
+#   repeated   the true summary with one of its words repeated in place of the rest (degenerate text)
+# Deterministic: the random choices of pair i are seeded by (split, i).
+
+PREF_KINDS = ("other", "shuffled", "truncated", "repeated")
+PREF_CYCLE = ("shuffled", "truncated", "repeated", "shuffled", "other", "truncated", "repeated", "shuffled")
+
+
+def _rejected(pairs: list[dict], i: int, kind: str, rng, by_sort: dict[str, list[int]]) -> str:
+    text = pairs[i]["response"]
+    words = text.split()
+    if kind == "other":
+        others = [j for s, js in by_sort.items() if s != pairs[i]["kind"] for j in js] or range(len(pairs))
+        j = others[rng.randrange(len(others))]
+        while pairs[j]["response"] == text:
+            j = others[(others.index(j) + 1) % len(others)]
+        return pairs[j]["response"]
+    if len(words) < 3:  # too short to corrupt recognisably
+        return text + " " + text
+    if kind == "shuffled":
+        shuffled = words[:]
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        return " ".join(shuffled)
+    if kind == "truncated":
+        return " ".join(words[: max(1, len(words) // 2)])
+    keep = max(1, len(words) // 3)
+    return " ".join(words[:keep] + [words[rng.randrange(keep)]] * (len(words) - keep))
+
+
+def builtin_preference_pairs(split: str = "train") -> Iterator[dict]:
+    """Demo preference pairs ``{"prompt", "chosen", "rejected", "kind", "module", "name"}`` of one split."""
+    import random
+
+    check_split(split)
+    pairs = list(builtin_sft_pairs(split))
+    by_sort: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_sort.setdefault(p["kind"], []).append(i)
+    for i, p in enumerate(pairs):
+        kind = PREF_CYCLE[i % len(PREF_CYCLE)]
+        rng = random.Random(f"{split}:{i}")
+        yield {"prompt": p["prompt"], "chosen": p["response"], "rejected": _rejected(pairs, i, kind, rng, by_sort),
+               "kind": kind, "module": p["module"], "name": p["name"]}

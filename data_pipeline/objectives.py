@@ -170,3 +170,95 @@ def fill_sentinels(inputs: Sequence[int], targets: Sequence[int], *, sentinel_id
     for t in inputs:
         out += spans.get(sentinel_index[t], []) if t in sentinel_index else [t]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: causal shift per conversation, over-long conversations, packing and padding
+# ---------------------------------------------------------------------------------------------
+#
+# A conversation's (ids, labels) from formats.encode_chat are aligned (labels[i] is ids[i] or
+# IGNORE). Shifted per conversation, never across a packing boundary: inputs ids[:-1] predict
+# targets labels[1:], so a conversation of n tokens takes n - 1 positions of a row.
+
+
+def sft_fit(ids: Sequence[int], labels: Sequence[int], max_len: int, *, overlong: str = "truncate",
+            side: str = "right") -> tuple[np.ndarray, np.ndarray] | None:
+    """(inputs, targets) of one conversation shifted for causal LM, at most max_len positions.
+
+    A conversation longer than max_len + 1 tokens is cut from `side` ("right": the end, "left":
+    the beginning) when overlong="truncate", or None when overlong="drop". None too when no
+    supervised target is left (the cut removed every response token). Callers count both.
+    """
+    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if len(ids) > max_len + 1:
+        if overlong == "drop":
+            return None
+        if overlong != "truncate" or side not in ("left", "right"):
+            raise ValueError(f"overlong must be truncate|drop and side left|right, got {overlong!r}, {side!r}")
+        keep = slice(0, max_len + 1) if side == "right" else slice(len(ids) - max_len - 1, len(ids))
+        ids, labels = ids[keep], labels[keep]
+    inputs, targets = ids[:-1], labels[1:]
+    if not (targets != IGNORE).any():
+        return None
+    return inputs, targets
+
+
+def pack_greedy(lengths: Sequence[int], capacity: int, window: int = 32) -> list[list[int]]:
+    """Indices of items grouped into rows of at most `capacity` positions.
+
+    First fit over the `window` most recently opened rows, items taken in the given order: rows
+    come out nearly full (plain next-fit leaves a row as soon as one item does not fit) while the
+    result stays a deterministic function of the order, and the scan stays O(window) per item.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []  # free positions of each row
+    first_open = 0
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"item {i} has {n} positions, more than the row capacity {capacity}")
+        first_open = max(first_open, len(rows) - window)
+        for r in range(first_open, len(rows)):
+            if free[r] >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return rows
+
+
+def sft_collate(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], *, pad_id: int,
+                length: int | None = None, packed: bool = True) -> dict[str, np.ndarray]:
+    """A micro-batch from rows, each a list of (inputs, targets) conversations laid end to end.
+
+    Returns input_ids, labels (B, T) padded on the right with pad_id / IGNORE to `length`
+    (default: the longest row). With `packed`, also position_ids (B, T), restarting at 0 for
+    every conversation, and attn_mask (B, 1, T, T): causal and within one conversation, so packed
+    conversations never attend to each other (pad positions attend to the pad run they sit in).
+    Without it (one conversation per row, right padding) causal attention alone already keeps
+    real tokens away from the pads after them.
+    """
+    T = length or max(sum(len(x) for x, _ in row) for row in rows)
+    B = len(rows)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    labels = np.full((B, T), IGNORE, dtype=np.int64)
+    position_ids = np.zeros((B, T), dtype=np.int64)
+    seg = np.full((B, T), -1, dtype=np.int64)  # conversation index per position; -1 = padding
+    for b, row in enumerate(rows):
+        t = 0
+        for k, (x, y) in enumerate(row):
+            n = len(x)
+            if t + n > T:
+                raise ValueError(f"row {b} needs more than {T} positions")
+            input_ids[b, t:t + n], labels[b, t:t + n] = x, y
+            position_ids[b, t:t + n] = np.arange(n)
+            seg[b, t:t + n] = k
+            t += n
+        position_ids[b, t:] = np.arange(T - t)
+    out = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        causal = np.tril(np.ones((T, T), dtype=bool))
+        out["position_ids"] = position_ids
+        out["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    return out

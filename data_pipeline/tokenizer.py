@@ -23,7 +23,8 @@ float64, so the ids can differ (about 0.6% of random strings built from newline 
 validation corpus). Both decode to the same text, and llmstack only ever runs tokenizer.json.
 
 Special tokens take the lowest ids in a fixed order: pad=0, bos=1, eos=2, unk=3, mask=4, the chat
-roles (system, user, assistant, end), then the T5 sentinels ``<extra_id_0>``... The vocabulary is
+roles (system, user, assistant, end; the chat template that uses them is described in formats.py
+and saved as the HF ``chat_template``), then the T5 sentinels ``<extra_id_0>``... The vocabulary is
 padded with ``<|reserved_K|>`` tokens up to a multiple of ``pad_to_multiple`` so embedding
 matrices have GPU-friendly shapes.
 
@@ -443,4 +444,36 @@ def _save_hf(tok, out: Path, sp: SpecialTokens, reserved: list[str]) -> None:
         mask_token=sp.mask,
         additional_special_tokens=[*sp.roles.values(), *sp.sentinels, *reserved],
     )
+    hf.chat_template = _chat_template(sp)  # apply_chat_template gives the ids of formats.encode_chat
     hf.save_pretrained(str(out))
+
+
+def _chat_template(sp: SpecialTokens) -> str:
+    from data_pipeline.formats import chat_template
+
+    return chat_template(sp.roles, sp.bos, sp.eos)
+
+
+def write_chat_template(path: str | os.PathLike) -> bool:
+    """Add the llmstack chat template to a tokenizer directory's HF files if it lacks one
+    (tokenizers saved before the template existed); True if written. The tokenizer hash
+    (tokenizer.json) does not change. Needs the role tokens (formats.chat_tokens checks)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.formats import chat_tokens
+
+    tok = load_tokenizer(path)
+    chat_tokens(tok)
+    hf = PreTrainedTokenizerFast.from_pretrained(tok.path)
+    if hf.chat_template:
+        return False
+    names = tok.meta.get("special_tokens") or {}
+    default = SpecialTokens()
+    roles = {k: v["token"] for k, v in (tok.meta.get("roles") or {}).items()} or default.roles
+    bos = names.get("bos", {}).get("token", default.bos)
+    eos = names.get("eos", {}).get("token", default.eos)
+    from data_pipeline.formats import chat_template
+
+    hf.chat_template = chat_template(roles, bos, eos)
+    hf.save_pretrained(tok.path)
+    return True

@@ -1,83 +1,130 @@
-"""`llmstack-eval`: evaluate a checkpoint.
+"""`llmstack-eval`: evaluate a checkpoint on perplexity and few-shot tasks.
 
-Task available now: `ppl:SOURCE`, token-level perplexity of the model on a text source
-(`builtin:validation`, a .txt / .jsonl file or a glob), documents joined with EOS and scored in
-consecutive windows of the model's context, so every token after the first is scored exactly once.
+    llmstack-eval --model runs/gpt-tiny/checkpoints/latest --tasks ppl:builtin:validation,demo_mc --num-fewshot 5
+    llmstack-eval --model hf/gpt-tiny --tasks eval/tasks/my_task.yaml --output results.json
+    deepspeed --num_gpus 8 --module eval --model ... --tasks ...      (data-parallel; also torchrun / accelerate launch -m eval)
+    llmstack-eval harness --model llmstack --model_args checkpoint=runs/... --tasks hellaswag
+
+Tasks: builtin task names (`--tasks list` shows them), task YAML files, and `ppl:SOURCE` (rolling
+perplexity of a text source). The model is a checkpoint of any ZeRO stage, a consolidated or
+imported directory, or a Hugging Face GPT-2 / LLaMA directory. Prints a table; `--output`
+writes the results JSON (config, model and tokenizer hashes, metrics with standard errors,
+per-sample log-likelihoods with `--log-samples`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-
-import numpy as np
-import torch
+from pathlib import Path
 
 from llmstack.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmstack-eval", description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
-    p.add_argument("--model", required=True, help="checkpoint (step_N, checkpoints/latest, run dir) or consolidated dir")
-    p.add_argument("--tasks", required=True, help="comma-separated: ppl:SOURCE")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the checkpoint)")
-    p.add_argument("--seq-len", type=int, help="window length (default: the training sequence length)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", help="write results JSON here")
+    p = argparse.ArgumentParser(prog="llmstack-eval", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of these options (keys as the option names, e.g. num_fewshot); "
+                                    "options on the command line override it")
+    p.add_argument("--model", help="checkpoint (step_N, checkpoints/latest, run dir), consolidated, "
+                                                  "imported or Hugging Face directory")
+    p.add_argument("--tasks", help="comma-separated: task names, task .yaml files, ppl:SOURCE; "
+                                                  "'list' shows the builtin tasks")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, else 0)")
+    p.add_argument("--fewshot-seed", type=int, default=1234, help="seed of the few-shot sampler (default 1234, "
+                                                                  "as lm-evaluation-harness)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass; results do not depend on it")
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_true", default=None, help="BOS before every context")
+    bos.add_argument("--no-bos", dest="bos", action="store_false",
+                     help="no BOS (default: as the model was trained, data.bos; off for HF directories)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
+    p.add_argument("--truncate", choices=["error", "left"], default="error",
+                   help="a prompt longer than the model's context: error (default) or drop tokens from the left "
+                        "(counted in the results)")
+    p.add_argument("--context", "--seq-len", dest="context", type=int,
+                   help="ppl: window length (default: the training sequence length, else the model's context)")
+    p.add_argument("--stride", type=int, help="ppl: window advance (default: the window length)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--log-samples", action="store_true", help="per-sample contexts, log-likelihoods, generations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, source: str, seq_len: int, batch_size: int) -> dict:
-    from data_pipeline.sources import iter_texts
-    from data_pipeline.stream import PackedSequences, tokenize_documents
+def _with_config(parser: argparse.ArgumentParser, args, argv: list[str]):
+    """Fill options from --config (defaults < config file < command line); --model and --tasks required."""
+    if args.config:
+        import yaml
 
-    try:
-        tokens = tokenize_documents(iter_texts(source), tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"task ppl:{source}: {e}") from None
-    seqs = PackedSequences(tokens, seq_len)
-    if len(seqs) == 0 and len(tokens) < 2:
-        raise UsageError(f"task ppl:{source}: no text to score")
-    nll, count = 0.0, 0
-    rows = [seqs[i] for i in range(len(seqs))]
-    tail = tokens[len(seqs) * seq_len :] if len(seqs) else tokens
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.stack(rows[start : start + batch_size]))
-        logits = model(batch[:, :-1])
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    if len(tail) >= 2:  # the remainder is scored too: no token skipped
-        t = torch.as_tensor(tail.astype("int64"))[None]
-        nll += torch.nn.functional.cross_entropy(model(t[:, :-1])[0].float(), t[0, 1:], reduction="sum").item()
-        count += len(tail) - 1
-    return {"tokens_scored": count, "nll_per_token": nll / count, "perplexity": math.exp(nll / count)}
+        try:
+            cfg = yaml.safe_load(open(args.config)) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"--config {args.config}: expected a mapping of options")
+        known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "local_rank")}
+        given = {a.dest for a in parser._actions for o in a.option_strings if any(x.split("=")[0] == o for x in argv)}
+        for key, value in cfg.items():
+            dest = key.replace("-", "_")
+            if dest not in known:
+                raise UsageError(f"--config {args.config}: unknown option {key!r} (allowed: {', '.join(sorted(known))})")
+            if dest not in given:
+                if dest == "tasks" and isinstance(value, list):
+                    value = ",".join(value)
+                setattr(args, dest, value)
+    for need in ("model", "tasks"):
+        if not getattr(args, need):
+            raise UsageError(f"--{need} is required (on the command line or in --config)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from llmstack.train.checkpoint import load_for_inference
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "harness":
+        from eval.harness import run_harness
 
-        model, tokenizer, info = load_for_inference(args.model, args.tokenizer)
-        trained_len = (info.get("config") or {}).get("data", {}).get("seq_len")
-        seq_len = args.seq_len or trained_len or model.config.max_seq_len
-        results = {"model": str(args.model), "tokenizer_hash": tokenizer.hash, "step": info.get("step"), "tasks": {}}
-        for task in filter(None, args.tasks.split(",")):
-            kind, _, source = task.partition(":")
-            if kind != "ppl" or not source:
-                raise UsageError(f"unknown task {task!r} (available: ppl:SOURCE)")
-            results["tasks"][task] = perplexity(model, tokenizer, source, seq_len, args.batch_size)
+        return run_harness(argv[1:])
+    if "--tasks" in argv and argv[argv.index("--tasks") + 1:][:1] == ["list"] or argv[:1] == ["list"]:
+        from eval.taskspec import builtin_task_files
+
+        for name, f in builtin_task_files().items():
+            print(f"{name:<24} {f}")
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args = _with_config(parser, args, argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    from eval.evaluator import evaluate, print_table
+    from llmstack.dist import env
+
+    try:
+        results = evaluate(args.model, args.tasks.split(","), num_fewshot=args.num_fewshot,
+                           fewshot_seed=args.fewshot_seed, batch_size=args.batch_size, bos=args.bos, limit=args.limit,
+                           log_samples=args.log_samples, truncate=args.truncate, context=args.context,
+                           stride=args.stride, tokenizer=args.tokenizer, dtype=args.dtype,
+                           progress=not args.no_progress)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if env.is_main():
+        print_table(results)
+        tp = results["throughput"]
+        if tp["tokens_per_s"]:
+            print(f"{tp['seconds']:.1f} s, {tp['tokens_per_s']:,.0f} tokens/s through the model", flush=True)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.output, "w") as f:
+                f.write(json.dumps(results, indent=2) + "\n")
+            print(f"wrote {args.output}")
+    env.shutdown()
     return 0
 
 

@@ -32,9 +32,9 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _config_cmd(sub, name: str, help_: str, description: str):
+def _config_cmd(sub, name: str, help_: str, description: str, config_optional: bool = False):
     p = sub.add_parser(name, help=help_, description=description)
-    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("config", help="YAML config file (see configs/)", nargs="?" if config_optional else None)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config (and DeepSpeed config) and exit")
     return p
@@ -55,11 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
                 "Train a byte-level BPE (tokenizers) or SentencePiece BPE/Unigram tokenizer and save it to "
                 "tokenizer.path in a form transformers.AutoTokenizer loads.")
 
-    _config_cmd(sub, "pretrain", "pretrain a GPT, BERT or T5 with DeepSpeed ZeRO",
+    pretrain_cmd = _config_cmd(sub, "pretrain", "pretrain a GPT, BERT or T5 with DeepSpeed ZeRO",
                 "Pretraining with the model family's objective (model.family): causal LM for gpt, masked LM "
                 "(15%%, 80/10/10) for bert, span corruption (15%% noise, mean span 3, sentinels) for t5. Trains the "
                 "config's tokenizer first if it does not exist. Resumes from the newest complete checkpoint by "
-                "default (train.resume=auto).")
+                "default (train.resume=auto).", config_optional=True)
+    pretrain_cmd.add_argument("--list-options", action="store_true",
+                              help="list the model / optimizer component options with their config keys and exit")
+
+    _config_cmd(sub, "sft", "supervised fine-tuning on chat records (full or LoRA)",
+                "Fine-tune a GPT (model.init: a checkpoint, an imported or a Hugging Face directory; its tokenizer "
+                "is used) on chat records: JSONL or HF datasets with `messages` (system/user/assistant) or "
+                "`prompt`/`response`, or builtin-sft:train (the demo pairs). Loss on assistant tokens only "
+                "(sft.train_on=all|last), conversations packed without cross-attention (sft.packing) or padded, "
+                "token-mean loss over the whole global batch. lora.enabled=true trains peft LoRA adapters "
+                "(lora.r, lora.alpha, lora.dropout, lora.target), merged on export. Bad records are skipped and "
+                "counted (data.on_error=skip) or stop the run (fail, exit 2).")
+
+    _config_cmd(sub, "rm", "train a reward model on preference pairs",
+                "Train a scalar-head reward model (GPT backbone, reward read at the last token) with the "
+                "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - rm.margin) on preference pairs: JSONL or HF "
+                "datasets with prompt/chosen/rejected (or chosen/rejected message lists), or builtin-prefs:train "
+                "(the demo pairs). model.init: an SFT checkpoint (fresh head; its tokenizer is used). Logs pairwise "
+                "accuracy and reward margin, on data.val_sources too.")
+    _config_cmd(sub, "dpo", "direct preference optimisation of a policy (no reward model)",
+                "DPO (sigmoid loss, dpo.beta, dpo.label_smoothing) of a GPT (model.init: an SFT checkpoint) against a "
+                "frozen reference (its initial weights; log-probs precomputed or computed online: dpo.reference). "
+                "Same data as `llmstack rm`. Logs the implicit reward margin and chosen-over-rejected accuracy.")
+    _config_cmd(sub, "ppo", "optimise a policy against a reward with PPO",
+                "PPO with four models, each its own DeepSpeed engine and ZeRO stage: actor and critic trained, "
+                "reference and reward frozen. Rollouts decode with the KV cache (actor.init, e.g. an SFT checkpoint); "
+                "rewards come from a reward model (reward.init) or a Python function (reward.function=module:function) "
+                "with a per-token KL penalty to the reference (fixed or adaptive), GAE, whitened advantages, clipped "
+                "policy and value losses, several epochs of mini-batches per rollout batch. Logs reward, KL, entropy, "
+                "clip fraction, value loss, approx-KL, response length and the generate/score/train time split.")
 
     data = sub.add_parser("data", help="prepare and inspect token shards", description="Data commands.")
     data_sub = data.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -115,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "consolidated/imported directory or a Hugging Face directory. Sampling by default; "
                          "--temperature 0 is greedy. Stops at EOS, at any --stop token, or after --max-new-tokens.")
     gen.add_argument("checkpoint", help="step_N dir, checkpoints/latest, a run directory, or a model directory")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    gen.add_argument("--chat", action="append", default=[], help="a user message, answered under the chat template "
+                     "(repeat for a batch; stops at <|end|>); for models fine-tuned with `llmstack sft`")
+    gen.add_argument("--system", help="with --chat: a system message before each user message")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
@@ -143,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--port", type=int, default=29500, help="rendezvous port to check (default: %(default)s)")
 
     qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
-                        description="Train a tiny tokenizer and a tiny GPT on the builtin corpus (the Python "
-                        "standard library's docstrings and comments) and report validation loss against the "
-                        "corpus's unigram entropy. A few minutes on a laptop CPU.")
+                        description="The whole pipeline on the builtin corpus (the Python standard library's "
+                        "docstrings and comments): tokenizer -> pretrain a tiny GPT -> SFT -> reward model -> PPO "
+                        "and DPO -> eval, each stage with its demo config from configs/. Writes OUT/report.md "
+                        "(a table of every stage's metrics, PNG curves in OUT/plots/) and OUT/report.json. "
+                        "About 10-15 minutes on a laptop CPU.")
     qs.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
     qs.add_argument("--steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
+    qs.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every later stage's steps by this (0 < F <= 1; a smoke run of the wiring)")
     return parser
 
 
@@ -199,6 +235,13 @@ def _dispatch(args) -> int:
         train_tokenizer(cfg.tokenizer, cfg.data.sources)
         return 0
     if args.command == "pretrain":
+        if args.list_options:
+            from llmstack.options import format_table
+
+            print(format_table())
+            return 0
+        if args.config is None:
+            raise UsageError("llmstack pretrain needs a CONFIG file (or --list-options)")
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         from llmstack.stages import pretrain
 
@@ -206,6 +249,28 @@ def _dispatch(args) -> int:
             pretrain.dry_run(cfg)
             return 0
         pretrain.run(cfg)
+        return 0
+    if args.command == "sft":
+        from llmstack.config import SFTConfig
+        from llmstack.stages import sft
+
+        cfg = load_config(SFTConfig, args.config, args.overrides)
+        if args.dry_run:
+            sft.dry_run(cfg)
+            return 0
+        sft.run(cfg)
+        return 0
+    if args.command in ("rm", "dpo", "ppo"):
+        from llmstack.config import SCHEMAS
+
+        cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        from importlib import import_module
+
+        stage = {"rm": "reward", "dpo": "dpo", "ppo": "ppo"}[args.command]
+        import_module(f"llmstack.stages.{stage}").run(cfg)
         return 0
     if args.command == "data":
         from llmstack.stages import data
@@ -246,7 +311,8 @@ def _dispatch(args) -> int:
 
         generation.run(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                       seed=args.seed, tokenizer_path=args.tokenizer, use_cache=not args.no_cache)
+                       seed=args.seed, tokenizer_path=args.tokenizer, use_cache=not args.no_cache,
+                       chat=args.chat, system=args.system)
         return 0
     if args.command == "plan":
         from llmstack.stages import plan
@@ -259,7 +325,7 @@ def _dispatch(args) -> int:
     if args.command == "quickstart":
         from llmstack.stages import quickstart
 
-        quickstart.run(out=args.out, steps=args.steps)
+        quickstart.run(out=args.out, steps=args.steps, scale=args.scale)
         return 0
     raise AssertionError(args.command)
 

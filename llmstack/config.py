@@ -90,11 +90,15 @@ class TrainConfig(Strict):
     lr: float = Field(6e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor", "lamb"] = "adamw"
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    momentum: float = Field(0.9, ge=0, lt=1, description="optimizer=sgd: momentum")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss stays plain")
+    z_loss: float = Field(0.0, ge=0, description="coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4)")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=0, description="0 disables periodic validation")
     eval_batches: int = Field(4, ge=1)
@@ -123,16 +127,25 @@ class ModelConfig(Strict):
     d_model: int | None = Field(None, ge=8)
     d_ff: int | None = Field(None, ge=1)
     max_seq_len: int | None = Field(None, ge=8)
-    pos: Literal["learned", "rotary"] | None = None
+    pos: Literal["learned", "sinusoidal", "rotary", "alibi", "none"] | None = None
+    attn_pattern: Literal["full", "sliding", "strided", "fixed"] | None = None
+    attn_window: int | None = Field(None, ge=1, description="attn_pattern=sliding: keys per query, itself included")
+    attn_block: int | None = Field(None, ge=1, description="attn_pattern=strided|fixed: block size l")
+    attn_summary: int | None = Field(None, ge=1, description="attn_pattern=fixed: summary columns c per block")
     norm: Literal["layernorm", "rmsnorm"] | None = None
     norm_eps: float | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
-    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] | None = None
+    norm_position: Literal["pre", "post"] | None = None
+    final_norm: bool | None = None
+    layer_scale: float | None = Field(None, gt=0, description="LayerScale initial value (unset: no LayerScale)")
+    mlp: Literal["gelu", "swiglu", "geglu", "reglu"] | None = None
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "mish"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
     attn_dropout: float | None = Field(None, ge=0, lt=1)
     init_std: float | None = Field(None, gt=0)
+    init_scheme: Literal["normal", "xavier", "kaiming"] | None = None
+    embed_init: Literal["normal", "small"] | None = None
     rope_theta: float | None = Field(None, gt=0)
     # BERT
     type_vocab_size: int | None = Field(None, ge=1)
@@ -215,8 +228,198 @@ class DataPrepareConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
 
 
+class SFTOptions(Strict):
+    """How conversations become training rows (`llmstack sft`)."""
+
+    packing: bool = Field(True, description="several conversations per row (reset positions, no cross-attention); "
+                          "false: one per row, padded to the longest in the micro-batch")
+    train_on: Literal["all", "last"] = Field("all", description="assistant turns that carry loss")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="conversations longer than data.seq_len + 1 "
+                                                  "tokens: cut (counted) or dropped (counted)")
+    truncation_side: Literal["left", "right"] = Field("right", description="which end an over-long conversation loses")
+    eval_max: int | None = Field(None, ge=1, description="validation conversations used (default: all)")
+
+
+class LoraConfig(Strict):
+    """LoRA adapters via peft; only the adapters train and export merges them."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1,
+                              description="module names or suffixes (qkv, attn.proj, mlp.fc) or short names "
+                              "q k v o up gate down (q/k/v select the fused qkv projection)")
+
+
+def _sft_data() -> DataConfig:
+    return DataConfig(sources=[SourceConfig(path="builtin-sft:train")],
+                      val_sources=[SourceConfig(path="builtin-sft:validation")], seq_len=256)
+
+
+class SFTConfig(Strict):
+    """`llmstack sft`: supervised fine-tuning of a GPT on chat records (full or LoRA)."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    data: DataConfig = Field(default_factory=_sft_data)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTOptions = Field(default_factory=SFTOptions)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
+
+
 SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": TokenizerTrainConfig,
                                     "data": DataPrepareConfig}
+
+
+# --- RLHF: reward model, DPO, PPO ---------------------------------------------------------------
+
+
+class PreferenceDataConfig(Strict):
+    """Preference pairs: JSONL / HF records with prompt + chosen + rejected (or message lists)."""
+
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-prefs:train")],
+                                        description="pair sources (weight and text_field do not apply)")
+    val_sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-prefs:validation")])
+    seq_len: int = Field(256, ge=8, description="longest prompt + response (tokens); longer pairs are skipped "
+                         "and counted (on_error=fail: an error)")
+    val_pairs: int | None = Field(512, ge=1, description="held-out pairs evaluated (None: all)")
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+class RMOptions(Strict):
+    margin: float = Field(0.0, description="Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)")
+
+
+class RMConfig(Strict):
+    """`llmstack rm`: a scalar-head reward model trained on preference pairs."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="rm"))
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
+    rm: RMOptions = Field(default_factory=RMOptions)
+
+
+class DPOOptions(Strict):
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: labels flipped with this probability")
+    reference: Literal["precompute", "online"] = Field(
+        "precompute", description="reference log-probs computed once before training, or by a frozen copy each step")
+
+
+class DPOConfig(Strict):
+    """`llmstack dpo`: direct preference optimisation of a causal LM against a frozen reference."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="dpo"))
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+
+class PPOModelConfig(ModelConfig):
+    """The actor or the critic: a model (init + architecture fields) with its own engine settings."""
+
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+
+    def arch_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in super().arch_fields().items() if k not in ("zero", "lr")}
+
+
+class FrozenModelConfig(Strict):
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+
+
+class RewardConfig(Strict):
+    init: str | None = Field(None, description="a reward model checkpoint (llmstack rm)")
+    function: str | None = Field(None, description="'module:function', called as f(prompts, responses, **kwargs) "
+                                 "-> one float per response (rule-based reward)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of reward.function")
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.init is not None and self.function is not None:
+            raise ValueError("set one of reward.init (a reward model) and reward.function (module:function), not both")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"reward.function must be 'module:function', got {self.function!r}")
+        return self
+
+
+class PromptDataConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-sft:train")],
+                                        description="prompt / messages / preference records; their answers are ignored")
+    max_prompt_len: int = Field(128, ge=1, description="longer prompts are skipped and counted (fail: an error)")
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+class RolloutConfig(Strict):
+    batch: int = Field(16, ge=1, description="prompts per process per PPO step")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the log-probs use the same)")
+
+
+class PPOOptions(Strict):
+    epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    value_clip: float = Field(0.2, gt=0, description="value clip around the rollout values")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty (initial value if kl_target is set)")
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL coefficient towards this KL per sequence")
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3", "abs"] = "k1"
+    entropy_coef: float = Field(0.0, ge=0)
+    whiten_advantages: bool = True
+    reward_norm: bool = Field(False, description="divide scores by their running std (after centring)")
+    reward_clip: float | None = Field(None, gt=0)
+    missing_stop_penalty: float = Field(0.0, ge=0, description="subtracted from the score of a response that "
+                                        "reached rollout.max_new_tokens without a stop token")
+
+
+class PPOConfig(Strict):
+    """`llmstack ppo`: actor and critic trained, reference and reward frozen, each its own engine."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="ppo"))
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    actor: PPOModelConfig = Field(default_factory=PPOModelConfig)
+    critic: PPOModelConfig = Field(default_factory=PPOModelConfig,
+                                   description="init default: the actor's init (with a fresh value head)")
+    reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward.init or reward.function")
+    data: PromptDataConfig = Field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="max_steps = PPO steps (rollout batches); micro_batch = mini-batch")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
+
+
+SCHEMAS.update({"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig})
+SCHEMAS["sft"] = SFTConfig
 
 
 # ---------------------------------------------------------------------------------------------

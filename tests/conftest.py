@@ -104,3 +104,12 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
         if key in rec:
             out[rec["step"]] = rec[key]
     return out
+
+
+@pytest.fixture(scope="session")
+def eval_model(tmp_path_factory, tokenizer_dir):
+    """A tiny trained GPT checkpoint, its Hugging Face export and a local multiple-choice task
+    (shared by tests/eval and the data-parallel eval test)."""
+    from tests.eval.helpers import build_model
+
+    return build_model(tmp_path_factory.mktemp("eval-model"), tokenizer_dir)

@@ -1,5 +1,6 @@
-"""Dependency rules (DESIGN.md): models never import deepspeed / torch.distributed, and
-data_pipeline never imports llmstack. Checked on the source, imports inside functions included."""
+"""Dependency rules (DESIGN.md): models never import deepspeed / torch.distributed,
+data_pipeline never imports llmstack, and neither imports the eval suite (data_pipeline <-
+llmstack <- eval). Checked on the source, imports inside functions included."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def test_models_do_not_import_distributed():
 
 def test_data_pipeline_does_not_import_llmstack():
     assert violations("data_pipeline", ("llmstack",)) == []
+
+
+def test_library_does_not_import_eval():
+    assert violations("llmstack", ("eval",)) + violations("data_pipeline", ("eval",)) == []
 
 
 def test_rule_checker_catches_a_violation(tmp_path):

@@ -85,7 +85,7 @@ def build_ds_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # we pass a torch AdamW (see create_engine); DeepSpeed supports it under ZeRO but calls it untested
+        # we pass a torch optimizer (see create_engine); DeepSpeed supports it under ZeRO but calls it untested
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -156,27 +156,101 @@ def _check_keys(missing, unexpected, model) -> None:
         )
 
 
-def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *, lr, betas, eps):
-    """A DeepSpeed engine around `model`.
+def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *, lr, betas, eps,
+                  optimizer: str = "adamw", momentum: float = 0.9, zero_stage: int | None = None):
+    """A DeepSpeed engine around `model` with the named optimizer (train/optim.py).
 
-    Without optimizer offload we hand DeepSpeed a torch AdamW (fused on CUDA); with offload the
-    ds_config's optimizer section makes DeepSpeed build its CPU Adam over the same groups.
+    Without optimizer offload we hand DeepSpeed a torch optimizer instance; with offload the
+    ds_config's optimizer section makes DeepSpeed build its CPU Adam over the same groups, so only
+    adamw and adam can be offloaded. LAMB and Adafactor need whole-parameter statistics: under ZeRO
+    1/2 they are told which pieces of which parameters their flat partition holds (see
+    `_zero_layout`); ZeRO-3 and bf16 without ZeRO (DeepSpeed's BF16 optimizer) are refused for them.
     """
     import deepspeed
 
+    from llmstack.train import optim
+
     _quiet_deepspeed()
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0) if zero_stage is None else zero_stage
+    layered = optimizer in ("lamb", "adafactor")
+    if layered and stage == 3:
+        raise UsageError(f"train.optimizer={optimizer} does not run under zero.stage=3 (its per-parameter "
+                         "statistics are not implemented over ZeRO-3 partitions); use zero.stage 0, 1 or 2")
+    if layered and ds_config.get("bf16", {}).get("enabled") and stage == 0:
+        raise UsageError(f"train.optimizer={optimizer} with precision=bf16 needs zero.stage 1 or 2 "
+                         "(DeepSpeed's stage-0 bf16 optimizer partitions parameters in a layout it does not expose)")
     ds_config = size_buckets(ds_config, model)
-    optimizer = None
-    if "optimizer" not in ds_config:
-        kw = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kw)
+    opt = None
+    if "optimizer" in ds_config:
+        if optimizer not in ("adamw", "adam"):
+            why = "zero.offload_optimizer" if "offload_optimizer" in ds_config.get("zero_optimization", {}) \
+                else "an optimizer section in the raw deepspeed config"
+            raise UsageError(f"train.optimizer={optimizer} cannot be combined with {why}: DeepSpeed then builds "
+                             "its own Adam/AdamW (offload runs only DeepSpeed's CPU Adam)")
+        if optimizer == "adam":
+            section = ds_config["optimizer"]
+            ds_config = {**ds_config, "optimizer": {"type": "Adam", "params": {**section.get("params", {}),
+                                                                                "adam_w_mode": False}}}
+    else:
+        opt = optim.build_optimizer(optimizer, param_groups, lr=lr, betas=betas, eps=eps, momentum=momentum)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=optimizer,
-        model_parameters=param_groups if optimizer is None else None,
+        optimizer=opt,
+        model_parameters=param_groups if opt is None else None,
         config=ds_config,
     )
+    if layered:
+        opt.set_layout(_layout(engine, opt, model, optimizer))
     return engine
+
+
+def _layout(engine, opt, model: nn.Module, name: str):
+    """Which model parameter elements each tensor of `opt` holds after DeepSpeed wrapped it."""
+    from llmstack.train import optim
+
+    held = [p for g in opt.param_groups for p in g["params"]]
+    if {id(p) for p in held} <= {id(p) for p in model.parameters()}:
+        return optim.whole_layout(opt.param_groups)  # DeepSpeed left the parameters as they are
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        raise UsageError(f"train.optimizer={name} cannot run inside DeepSpeed's {type(engine.optimizer).__name__} "
+                         "(its mixed-precision wrapper without ZeRO); use zero.stage 1 or 2")
+    return _zero_layout(engine.optimizer, opt)
+
+
+def _zero_layout(zopt, opt):
+    """ZeRO 1/2: each param group is flattened in order (with alignment padding between parameters,
+    `round_robin_bit16_offsets`), split into one contiguous partition per rank, and the optimizer
+    holds this rank's fp32 copy. The pieces are checked against the parameters' current values."""
+    import torch.distributed as dist
+
+    from llmstack.train import optim
+
+    shapes, pieces = [], {}
+    for i, params in enumerate(zopt.round_robin_bit16_groups):
+        group = zopt.real_dp_process_group[i]
+        rank = dist.get_rank(group=group)
+        sizes = [t.numel() for t in zopt.parallel_partitioned_bit16_groups[i]]
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        flat = zopt.single_partition_of_fp32_groups[i]
+        if opt.param_groups[i]["params"][0] is not flat:
+            raise UsageError("unexpected ZeRO optimizer layout: param group order changed")
+        held = []
+        for p, off in zip(params, zopt.round_robin_bit16_offsets[i]):
+            index = len(shapes)
+            shapes.append(tuple(p.shape))
+            a, b = max(off, lo), min(off + p.numel(), hi)
+            if a < b:
+                piece = optim.Piece(index, a - lo, a - off, b - a)
+                mine = flat[piece.offset: piece.offset + piece.numel].to(p.dtype)
+                if not torch.equal(mine, p.data.view(-1)[piece.start: piece.start + piece.numel]):
+                    raise UsageError("unexpected ZeRO optimizer layout: a partition does not hold the parameter "
+                                     "elements computed for it")
+                held.append(piece)
+        pieces[id(flat)] = held
+    group = zopt.real_dp_process_group[0]
+    return optim.Layout(shapes, pieces, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
 
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket (elements)
@@ -187,9 +261,11 @@ def bucket_elements(num_params: int) -> int:
 
     ZeRO 1-3 allocate their gradient bucket at full size up front (5e8 elements = 2 GB in fp32,
     twice with overlap_comm) whatever the model's size; a bucket larger than all the gradients
-    only wastes memory.
+    only wastes memory. Rounded up to a multiple of 64: ZeRO 1/2 require the all-gather bucket to
+    be a multiple of their alignment factor (a model with an odd parameter count, e.g. a scalar
+    head's bias, would otherwise fail an assertion).
     """
-    return int(min(DEFAULT_BUCKET, max(num_params, 1)))
+    return int(min(DEFAULT_BUCKET, -(-max(num_params, 1) // 64) * 64))
 
 
 def size_buckets(ds_config: dict, model: nn.Module) -> dict:
@@ -284,3 +360,42 @@ def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise UsageError(f"DeepSpeed could not convert {ckpt_dir} to a universal checkpoint:\n{tail}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen models and ZeRO-3 gathering for RLHF (reference / reward models, rollouts)
+# ---------------------------------------------------------------------------------------------
+
+
+def create_inference_engine(model: nn.Module, ds_config: dict):
+    """An engine without optimizer around a frozen model (PPO's reference and reward models,
+    DPO's reference): under ZeRO-3 its parameters stay partitioned and are gathered layer by
+    layer in forward. Other stages partition nothing without an optimizer, so the plain module
+    (in eval mode, no gradients) is returned instead."""
+    model.requires_grad_(False)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return model.eval()
+    import deepspeed
+
+    _quiet_deepspeed()
+    cfg = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    engine, *_ = deepspeed.initialize(model=model, config=size_buckets(cfg, model))
+    engine.eval()
+    return engine
+
+
+@torch.no_grad()
+def copy_full_weights(src: nn.Module, dst: nn.Module, zero_stage: int) -> None:
+    """dst's parameters <- src's full values (same architecture). Under ZeRO-3 src's partitions
+    are gathered once for the copy, so a rollout decodes from plain tensors instead of gathering
+    every layer at every generated token."""
+    pairs = list(zip(src.parameters(), dst.parameters()))
+    if zero_stage != 3:
+        for s, d in pairs:
+            d.copy_(s)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([s for s, _ in pairs]):
+        for s, d in pairs:
+            d.copy_(s.data.view(d.shape))

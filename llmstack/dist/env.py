@@ -12,6 +12,7 @@ import socket
 import sys
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,9 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     import deepspeed  # deferred: importing deepspeed costs seconds and logs noise
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    if world_size() > 1:
+        barrier()  # every rank has now mapped every peer's shared-memory buffer (see below)
+        release_shm_buffer()
 
 
 def barrier() -> None:
@@ -141,3 +145,27 @@ def shutdown() -> None:
             dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+# DeepSpeed's CPU communication op (all ranks on one machine) gives each rank a ~69 MB POSIX
+# shared-memory file named after the rendezvous address, port and rank, and never unlinks it:
+# every multi-process CPU run would leave them in /dev/shm (RAM) until the machine fills up.
+# Once every rank has mapped every peer's file (init_distributed returns after that), the names
+# are unlinked; the mappings stay valid and the memory is freed when the last process exits,
+# however it exits (a killed rank included).
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_path(rank: int | None = None) -> Path:
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's buffer. Peers keep their mappings (unlinking removes only the name), but
+    one still waiting to open it would wait forever: call only after a barrier that follows
+    init_distributed."""
+    if world_size() > 1:
+        with contextlib.suppress(OSError):
+            shm_buffer_path().unlink()

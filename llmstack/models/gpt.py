@@ -1,13 +1,19 @@
 """Decoder-only GPT, readable top to bottom (after nanoGPT's model.py).
 
-Design choices, each a config option rather than a separate class:
-- positions: learned absolute (GPT-2) or rotary (LLaMA, half-rotation layout as in HF)
-- norm: LayerNorm (with or without bias) or RMSNorm; always pre-norm with a final norm
-- MLP: plain 4x with GELU (tanh approximation, as GPT-2) or gated SwiGLU (LLaMA)
-- attention: multi-head or grouped-query (n_kv_head < n_head), one fused QKV matmul, PyTorch SDPA
+Design choices, each a config option rather than a separate class (the pieces live in layers.py):
+- positions: learned absolute (GPT-2), sinusoidal absolute, rotary (LLaMA, half-rotation layout
+  as in HF), ALiBi (a per-head linear bias on attention scores), or none
+- attention: multi-head, grouped- or multi-query (n_kv_head < n_head), one fused QKV matmul,
+  PyTorch SDPA; patterns full causal, sliding window, strided or fixed (sparse transformers) as
+  masks over SDPA; attention dropout
+- norm: LayerNorm (with or without bias) or RMSNorm; pre-norm (default) or post-norm; a final
+  norm (default on); optional LayerScale on both residual branches
+- MLP: plain 4x with any activation (default GELU, tanh approximation, as GPT-2) or gated
+  SwiGLU / GEGLU / ReGLU at 2/3 of the width (same parameter count)
 - tied or untied input/output embeddings; dropout on residual branches and attention weights
 - init: normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
-  (GPT-2 paper, section 2.3), biases zero, norms one.
+  (GPT-2 paper, section 2.3), or Xavier / Kaiming on Linear weights; embeddings normal(init_std)
+  or small-init; biases zero, norms one, LayerScale at its initial value.
 - inference: an optional preallocated KV cache (layers.KVCache) and per-row positions, so
   generate.py can decode left-padded batches one token at a time.
 Shapes: B batch, T sequence, C d_model, nh heads, nkv key/value heads, hd head dim, V vocab.
@@ -15,7 +21,6 @@ Shapes: B batch, T sequence, C d_model, nh heads, nkv key/value heads, hd head d
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,16 +28,24 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entropy are re-exported)
+    GATED,
     MLP,
     GatedMLP,
     KVCache,
+    LayerScale,
     Linear,
     LMHead,
+    alibi_bias,
+    alibi_slopes,
     apply_rotary,
     attention,
+    init_embedding_,
+    init_linear_,
     linear_cross_entropy,
     make_norm,
+    pattern_mask,
     rotary_tables,
+    sinusoidal_table,
     swiglu_hidden,
 )
 
@@ -46,16 +59,25 @@ class GPTConfig:
     d_model: int = 256
     d_ff: int | None = None  # None: 4*d_model, or swiglu_hidden(d_model) for gated MLPs
     max_seq_len: int = 256
-    pos: str = "learned"  # learned | rotary
+    pos: str = "learned"  # learned | sinusoidal | rotary | alibi | none
+    attn_pattern: str = "full"  # full | sliding | strided | fixed
+    attn_window: int = 0  # sliding: keys per query (itself included)
+    attn_block: int = 0  # strided / fixed: block size l
+    attn_summary: int = 1  # fixed: summary columns c per block
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
-    activation: str | None = None  # None: gelu_tanh for mlp=gelu, silu for swiglu
+    norm_position: str = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)) (original Transformer)
+    final_norm: bool = True  # a norm before the LM head
+    layer_scale: float | None = None  # LayerScale's initial value; None: off
+    mlp: str = "gelu"  # gelu (plain, any activation) | swiglu | geglu | reglu
+    activation: str | None = None  # None: gelu_tanh for the plain MLP, the gate's own for gated ones
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
     attn_dropout: float = 0.0
     init_std: float = 0.02
+    init_scheme: str = "normal"  # normal (GPT-2 scaled residuals) | xavier | kaiming
+    embed_init: str = "normal"  # normal(init_std) | small: U(-1e-4, 1e-4)
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False
 
@@ -65,6 +87,18 @@ class GPTConfig:
         n_kv = self.n_kv_head or self.n_head
         if self.n_head % n_kv:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
+        choices = {"pos": ("learned", "sinusoidal", "rotary", "alibi", "none"), "mlp": ("gelu", *GATED),
+                   "attn_pattern": ("full", "sliding", "strided", "fixed"), "norm_position": ("pre", "post"),
+                   "init_scheme": ("normal", "xavier", "kaiming"), "embed_init": ("normal", "small")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.attn_pattern == "sliding" and self.attn_window < 1:
+            raise ValueError("attn_pattern=sliding needs attn_window >= 1 (keys each query sees)")
+        if self.attn_pattern in ("strided", "fixed") and self.attn_block < 1:
+            raise ValueError(f"attn_pattern={self.attn_pattern} needs attn_block >= 1 (block size)")
+        if self.attn_pattern == "fixed" and not 1 <= self.attn_summary <= self.attn_block:
+            raise ValueError(f"attn_summary={self.attn_summary} must be in 1..attn_block={self.attn_block}")
 
     @property
     def head_dim(self) -> int:
@@ -78,11 +112,11 @@ class GPTConfig:
     def ff_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        return swiglu_hidden(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
+        return swiglu_hidden(self.d_model) if self.mlp in GATED else 4 * self.d_model
 
     @property
     def act(self) -> str:
-        return self.activation or ("silu" if self.mlp == "swiglu" else "gelu_tanh")
+        return self.activation or GATED.get(self.mlp, "gelu_tanh")
 
 
 _GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)
@@ -139,20 +173,29 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + ls(attn(norm(x))), then x + ls(mlp(norm(x))) (GPT-2 onwards);
+    post-norm: norm(x + attn(x)), then norm(x + mlp(x)) (Vaswani et al. 2017). `ls` is LayerScale
+    when on, else nothing."""
 
     def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
+        self.post = cfg.norm_position == "post"
         self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        mlp_cls = GatedMLP if cfg.mlp == "swiglu" else MLP
+        mlp_cls = GatedMLP if cfg.mlp in GATED else MLP
         self.mlp = mlp_cls(cfg.d_model, cfg.ff_dim, cfg.act, cfg.bias, cfg.dropout)
         self.mlp.proj.residual_scaled = True
+        ls = cfg.layer_scale is not None
+        self.ls_1 = LayerScale(cfg.d_model, cfg.layer_scale) if ls else nn.Identity()
+        self.ls_2 = LayerScale(cfg.d_model, cfg.layer_scale) if ls else nn.Identity()
 
     def forward(self, x, rope=None, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, mask, cache)
-        return x + self.mlp(self.ln_2(x))
+        if self.post:
+            x = self.ln_1(x + self.ls_1(self.attn(x, rope, mask, cache)))
+            return self.ln_2(x + self.ls_2(self.mlp(x)))
+        x = x + self.ls_1(self.attn(self.ln_1(x), rope, mask, cache))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -163,7 +206,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else nn.Identity()
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # the same Parameter in two modules (as HF does): each module's forward sees it, so
@@ -173,6 +216,10 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pos == "sinusoidal":  # fixed, so not in the state dict
+            self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
         self.gradient_checkpointing = cfg.activation_checkpointing
 
     # -- init ------------------------------------------------------------------------------
@@ -182,16 +229,17 @@ class GPT(nn.Module):
         Split per module so the distributed layer can gather a ZeRO-3 partitioned module, init
         it on one rank and scatter it back, consuming the RNG in the same order as a plain run.
         """
-        std = self.config.init_std
+        c = self.config
         if isinstance(module, nn.Linear):
-            if getattr(module, "residual_scaled", False):
-                std = std / math.sqrt(2 * self.config.n_layer)
-            if not (module is self.lm_head and self.config.tie_embeddings):
-                nn.init.normal_(module.weight, 0.0, std)
+            if not (module is self.lm_head and c.tie_embeddings):
+                residual = c.n_layer if getattr(module, "residual_scaled", False) else None
+                init_linear_(module.weight, c.init_scheme, c.init_std, residual)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
+            init_embedding_(module.weight, c.embed_init if module is self.wte else "normal", c.init_std)
+        elif isinstance(module, LayerScale):
+            nn.init.constant_(module.gamma, module.init_value)
         elif isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -209,8 +257,11 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ):
-        """Logits (B, T, V), or the mean cross-entropy over labels != -100 when labels are given.
+        """Logits (B, T, V), or the mean cross-entropy over labels != -100 when labels are given
+        (with optional label smoothing and z-loss, see layers.linear_cross_entropy).
 
         input_ids, labels, position_ids: (B, T). attn_mask: optional boolean (B, 1, T, T) "may
         attend" mask that already includes causality (used for packed documents and padding);
@@ -221,7 +272,7 @@ class GPT(nn.Module):
             return self.lm_head(x)  # logits (B, T, V)
         # = F.cross_entropy(logits.float(), labels, ignore_index=-100), computed in cache-sized
         # chunks with the softmax in fp32 (bf16 logits lose too much precision in the log-sum-exp)
-        return self.lm_head(x, labels)
+        return self.lm_head(x, labels, label_smoothing, z_loss)
 
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, C) that the LM head reads.
@@ -240,6 +291,9 @@ class GPT(nn.Module):
         if self.wpe is not None:
             pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
             x = x + self.wpe(pos)
+        elif self.config.pos == "sinusoidal":
+            pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
+            x = x + self.pe[pos].to(x.dtype)
         elif self.config.pos == "rotary":
             if position_ids is None:
                 rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
@@ -247,6 +301,7 @@ class GPT(nn.Module):
                 rope_pos = position_ids if position_ids.dim() == 1 else position_ids[:, None]
                 rope = (self.rope_cos[rope_pos].to(x.dtype), self.rope_sin[rope_pos].to(x.dtype))
         x = self.drop(x)
+        attn_mask = self._pattern_mask(attn_mask, past, T, x.dtype)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)
@@ -255,6 +310,23 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def _pattern_mask(self, attn_mask, past: int, T: int, dtype):
+        """The attention mask with the configured pattern and ALiBi folded in; `attn_mask` itself
+        when neither is on (then SDPA's causal kernel runs). Queries sit at past..past+T-1."""
+        c = self.config
+        if c.attn_pattern == "full" and c.pos != "alibi":
+            return attn_mask
+        dev = self.wte.weight.device
+        q_pos, k_pos = torch.arange(past, past + T, device=dev), torch.arange(past + T, device=dev)
+        mask = pattern_mask(c.attn_pattern, q_pos, k_pos, window=c.attn_window, block=c.attn_block,
+                            summary=c.attn_summary)  # (T, S)
+        if attn_mask is not None:
+            mask = mask & attn_mask  # (B, 1, T, S)
+        if c.pos != "alibi":
+            return mask
+        bias = alibi_bias(self.alibi, q_pos, k_pos)  # (nh, T, S): -m_h (i - j)
+        return bias.masked_fill(~mask, float("-inf")).to(dtype)  # (1 or B, nh, T, S)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` positions (model's dtype/device)."""

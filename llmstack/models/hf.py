@@ -36,9 +36,9 @@ class ConversionError(ValueError):
 
 # our activation names <-> transformers' ACT2FN names (gelu_new and gelu_pytorch_tanh are both
 # the tanh approximation; gelu is the exact erf form)
-_TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+_TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "mish": "mish"}
 _FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
+                "silu": "silu", "swish": "silu", "mish": "mish"}
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
                  "t5": "T5ForConditionalGeneration"}
@@ -101,15 +101,27 @@ def _hf_act(act: str, key: str) -> str:
 
 
 def _gpt_target(c: GPTConfig) -> str:
-    if c.pos == "learned":  # GPT-2 is the HF model with learned absolute positions
+    # options no HF causal LM we map to has: refused whatever the positions
+    unmapped = [(c.pos == "alibi", "model.pos=alibi (GPT-2 and LLaMA have no ALiBi attention bias)"),
+                (c.attn_pattern != "full", f"model.attn_pattern={c.attn_pattern} (GPT-2 and LLaMA attend to every "
+                                           "earlier position)"),
+                (c.norm_position != "pre", f"model.norm_position={c.norm_position} (GPT-2 and LLaMA are pre-norm)"),
+                (not c.final_norm, "model.final_norm=false (GPT-2 and LLaMA have a final norm)"),
+                (c.layer_scale is not None, f"model.layer_scale={c.layer_scale} (no LayerScale in GPT-2 or LLaMA)")]
+    bad = [msg for cond, msg in unmapped if cond]
+    if bad:
+        raise ConversionError("no Hugging Face architecture matches this GPT: " + "; ".join(bad))
+    if c.pos in ("learned", "sinusoidal", "none"):
+        # GPT-2 is the HF model with absolute positions added to the embeddings; a fixed sinusoidal
+        # table (or none: zeros) is exported as its wpe weight, which gives the same logits
         blockers = [(c.norm != "layernorm", f"model.norm={c.norm} (needs layernorm)"),
                     (not c.bias, "model.bias=false (needs true: GPT-2's Conv1D and LayerNorm have biases)"),
-                    (c.mlp != "gelu", f"model.mlp={c.mlp} (needs the plain gelu MLP)"),
+                    (c.mlp != "gelu", f"model.mlp={c.mlp} (needs the plain, ungated MLP: model.mlp=gelu)"),
                     (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")]
         name, arch = "gpt2", "GPT2LMHeadModel"
     else:  # rotary: LLaMA
         blockers = [(c.norm != "rmsnorm", f"model.norm={c.norm} (needs rmsnorm)"),
-                    (c.mlp != "swiglu", f"model.mlp={c.mlp} (needs the gated swiglu MLP)")]
+                    (c.mlp == "gelu", "model.mlp=gelu (needs a gated MLP: swiglu, geglu or reglu)")]
         name, arch = "llama", "LlamaForCausalLM"
     bad = [msg for cond, msg in blockers if cond]
     if bad:
@@ -366,7 +378,13 @@ def to_hf_tensors(family: str, cfg, state: dict[str, torch.Tensor]) -> Iterator[
     Entries are popped from `state` as they are converted, so the caller's dict shrinks while the
     HF copy grows: the two never both hold every tensor.
     """
-    maps = _maps(target(family, cfg), cfg)
+    arch = target(family, cfg)
+    if arch == "gpt2" and cfg.pos != "learned":  # the fixed table becomes GPT-2's wpe weight
+        from llmstack.models.layers import sinusoidal_table
+
+        table = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
+        state["wpe.weight"] = table if cfg.pos == "sinusoidal" else torch.zeros_like(table)
+    maps = _maps(arch, cfg)
     needed = {m.native for m in maps}
     missing = sorted(needed - set(state))
     if missing:

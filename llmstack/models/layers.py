@@ -1,8 +1,9 @@
 """Pieces shared by the model families, and nothing else.
 
-Per DESIGN.md (torchtitan's rule), only the most common building blocks live here: norms, rotary
-embeddings, the SDPA attention call and the MLP variants. Each model family assembles them in
-its own file. Models never import torch.distributed or deepspeed.
+Per DESIGN.md (torchtitan's rule), only the most common building blocks live here: norms (and
+LayerScale), positional encodings (rotary, sinusoidal, ALiBi), attention-pattern masks, the SDPA
+attention call, activations and the MLP variants, init functions, and the fused LM head loss.
+Each model family assembles them in its own file. Models never import torch.distributed or deepspeed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,86 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r} (allowed: layernorm, rmsnorm)")
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (Touvron et al. 2021, CaiT): x * gamma.
+
+    gamma starts at a small `init_value` (CaiT: 0.1 up to 18 layers, 1e-5 deeper), so every block
+    starts close to the identity; the model's init sets it (see `init_value`).
+    """
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+# ---------------------------------------------------------------------------------------------
+# Absolute positions and ALiBi
+# ---------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(max_len: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(max_len, dim) fixed encodings of Vaswani et al. 2017: PE(t, 2i) = sin(t / base^(2i/d)),
+    PE(t, 2i+1) = cos(t / base^(2i/d)); added to the token embeddings."""
+    t = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(d/2),)
+    pe = torch.zeros(max_len, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(t * inv)
+    pe[:, 1::2] = torch.cos(t * inv[: dim // 2])
+    return pe.float()
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al. 2022): 2^(-8h/n) for h = 1..n when n is a power of two;
+    otherwise the n' = 2^floor(log2 n) slopes, then every other slope of the 2n' sequence."""
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(p) + geometric(2 * p)[0::2][: n_head - p]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """(nh, T, S) additive attention bias -m_h * (i - j) for query i, key j (fp32)."""
+    dist = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S)
+    return -slopes.float()[:, None, None] * dist
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention patterns, as boolean "may attend" masks over (query position, key position)
+# ---------------------------------------------------------------------------------------------
+
+ATTN_PATTERNS = ("full", "sliding", "strided", "fixed")
+
+
+def pattern_mask(pattern: str, q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int = 0, block: int = 0,
+                 summary: int = 1) -> torch.Tensor:
+    """(T, S) boolean mask: may query at position q_pos[i] attend to key at k_pos[j]? Always causal.
+
+    - full: every earlier position (and itself)
+    - sliding: the last `window` positions, itself included (i - j < w; Mistral's convention)
+    - strided (Child et al. 2019, sparse transformers): the previous `block` positions, and every
+      position a multiple of `block` back ((i - j) mod l = 0)
+    - fixed (same paper): the positions of its own block of `block`, and the last `summary`
+      positions (c "summary columns") of every block: j mod l >= l - c
+    """
+    d = q_pos[:, None] - k_pos[None, :]  # (T, S) distance back
+    causal = d >= 0
+    if pattern == "full":
+        return causal
+    if pattern == "sliding":
+        return causal & (d < window)
+    if pattern == "strided":
+        return causal & ((d < block) | (d % block == 0))
+    if pattern == "fixed":
+        same_block = (q_pos[:, None] // block) == (k_pos[None, :] // block)
+        return causal & (same_block | (k_pos[None, :] % block >= block - summary))
+    raise ValueError(f"unknown attention pattern {pattern!r} (allowed: {', '.join(ATTN_PATTERNS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +281,12 @@ ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
     "relu": F.relu,
-    "silu": F.silu,
+    "silu": F.silu,  # = Swish with beta 1
+    "mish": F.mish,  # x * tanh(softplus(x)) (Misra 2019)
 }
+
+# Gated MLPs (Shazeer 2020) by name -> the activation of their gate.
+GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
 class MLP(nn.Module):
@@ -249,6 +334,43 @@ def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Initialisation of one weight, by scheme. Linear weights are (out, in): fan_in = in.
+# ---------------------------------------------------------------------------------------------
+
+INIT_SCHEMES = ("normal", "xavier", "kaiming")
+
+
+def init_linear_(weight: torch.Tensor, scheme: str, std: float, residual_layers: int | None = None) -> None:
+    """normal: N(0, std), divided by sqrt(2 * n_layer) on residual output projections (GPT-2,
+    section 2.3; `residual_layers` = n_layer there); xavier: N(0, 2 / (fan_in + fan_out)) (Glorot &
+    Bengio 2010); kaiming: N(0, 2 / fan_in) (He et al. 2015, for ReLU-like activations)."""
+    fan_out, fan_in = weight.shape
+    if scheme == "normal":
+        s = std / math.sqrt(2 * residual_layers) if residual_layers else std
+    elif scheme == "xavier":
+        s = math.sqrt(2.0 / (fan_in + fan_out))
+    elif scheme == "kaiming":
+        s = math.sqrt(2.0 / fan_in)
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r} (allowed: {', '.join(INIT_SCHEMES)})")
+    nn.init.normal_(weight, 0.0, s)
+
+
+SMALL_EMBED_INIT = 1e-4
+
+
+def init_embedding_(weight: torch.Tensor, kind: str, std: float) -> None:
+    """normal: N(0, std); small: U(-1e-4, 1e-4) ("small init" of embeddings, as RWKV does: with a
+    norm right after, tiny embeddings move quickly away from their start early in training)."""
+    if kind == "normal":
+        nn.init.normal_(weight, 0.0, std)
+    elif kind == "small":
+        nn.init.uniform_(weight, -SMALL_EMBED_INIT, SMALL_EMBED_INIT)
+    else:
+        raise ValueError(f"unknown embedding init {kind!r} (allowed: normal, small)")
+
+
+# ---------------------------------------------------------------------------------------------
 # LM head + cross-entropy, fused and chunked
 # ---------------------------------------------------------------------------------------------
 # Why: on the tiny CPU preset the (B*T, V) logits are 2048 x 8192 fp32 = 64 MB, bigger than the
@@ -273,7 +395,8 @@ _CE_CHUNK_ELEMS_DEFAULT = 1 << 27
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, ignore_index: int, compute_dtype, need_grad: bool):
+    def forward(ctx, x, weight, labels, ignore_index: int, compute_dtype, need_grad: bool, smoothing: float = 0.0,
+                z_loss: float = 0.0):
         # x (N, C), weight (V, C), labels (N,). Autocast is off in here; compute_dtype is the
         # dtype the plain path's matmul would have used (autocast's, else the inputs').
         N, V = x.shape[0], weight.shape[0]
@@ -295,11 +418,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             e = min(s + rows, N)
             # fp32 log-softmax (upcast inside the kernel): bf16 logits lose too much precision
-            logp = torch.log_softmax(xc[s:e] @ wc.t(), dim=-1, dtype=torch.float32)
-            loss -= (logp.gather(1, target[s:e]) * valid[s:e, None]).sum()
+            logits = xc[s:e] @ wc.t()
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            if not (smoothing or z_loss):
+                loss -= (logp.gather(1, target[s:e]) * valid[s:e, None]).sum()
+            else:
+                # label smoothing: target (1-e) onehot + e/V; z-loss (PaLM): z * logsumexp(logits)^2
+                row = -(1 - smoothing) * logp.gather(1, target[s:e]) - smoothing / V * logp.sum(-1, keepdim=True)
+                if z_loss:
+                    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # (rows, 1)
+                    row = row + z_loss * lse.square()
+                loss += (row * valid[s:e, None]).sum()
             if need_grad:
                 p = logp.exp_()  # softmax, in place
-                p.scatter_add_(1, target[s:e], minus_valid[s:e])  # - onehot (counted rows only)
+                if z_loss:
+                    p.mul_(1 + 2 * z_loss * lse)  # d(z lse^2)/dlogits = 2 z lse softmax
+                if smoothing:
+                    p.sub_(smoothing / V)
+                    p.scatter_add_(1, target[s:e], minus_valid[s:e] * (1 - smoothing))
+                else:
+                    p.scatter_add_(1, target[s:e], minus_valid[s:e])  # - onehot (counted rows only)
                 p = p.to(compute_dtype)
                 grad_x[s:e] = (p @ wc).mul_(scale[s:e])
                 xs = (xc[s:e] * scale[s:e]).to(compute_dtype)
@@ -319,11 +457,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # data-dependent branch under torch.compile
         if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or grad_out.item() != 1.0:
             grad_x, grad_w = grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """F.cross_entropy(x @ weight.T, labels, ignore_index) (mean over counted rows), in chunks.
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, labels, ignore_index, label_smoothing) (mean over counted rows)
+    + z_loss * mean(logsumexp(logits)^2), in chunks.
 
     x (..., C), weight (V, C), labels (...). Under autocast the matmuls run in the autocast dtype
     and the softmax in fp32, as the unfused path does. The gradient is computed during the
@@ -335,7 +475,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     else:
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    args = (x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), ignore_index, compute_dtype, need_grad)
+    args = (x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), ignore_index, compute_dtype, need_grad,
+            float(label_smoothing), float(z_loss))
     if torch.is_autocast_enabled(dev):
         with torch.autocast(dev, enabled=False):  # the function casts explicitly
             return _LinearCrossEntropy.apply(*args)
@@ -351,7 +492,9 @@ class LMHead(Linear):
     `linear_cross_entropy`, which never materialises the (B, T, V) logits.
     """
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                z_loss: float = 0.0) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, labels, ignore_index=-100)
+        return linear_cross_entropy(x, self.weight, labels, ignore_index=-100, label_smoothing=label_smoothing,
+                                    z_loss=z_loss)

@@ -142,3 +142,86 @@ def peak_flops(precision: str) -> float:
     dev = env.device()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return vendor_peak(dev, precision) or measure_matmul_peak(dev, dtype, seconds=0.3)
+
+
+# --- RLHF stages (rm, dpo, ppo): starting weights, tokenizer, policy / scalar-head models ---
+
+
+def read_init(init_path: str | None) -> tuple[Path, dict, dict] | None:
+    """(source, info, fp32 state) of model.init, or None when training from scratch."""
+    return ckpt.read_weights(init_path) if init_path else None
+
+
+def finetune_tokenizer(tok, init) -> object:
+    """The tokenizer of a fine-tuning stage: tokenizer.path when set explicitly (not empty), else
+    the one recorded with the starting weights (model.init), else tokenizer.path (trained if missing)."""
+    if init is not None and (not tok.path or "path" not in tok.model_fields_set):
+        src, info, _ = init
+        return ckpt.recorded_tokenizer(info, src)
+    return ensure_tokenizer(tok, [SourceConfig(path="builtin:train")])
+
+
+def rlhf_arch(model_cfg, init, vocab_size: int, seq_len: int, activation_checkpointing: bool):
+    """The GPT architecture: recorded with the starting weights, or from the config's model fields."""
+    if init is None:
+        arch = model_config(model_cfg, vocab_size, seq_len, activation_checkpointing)
+    else:
+        src, info, _ = init
+        if info.get("model_family", "gpt") != "gpt":
+            raise UsageError(f"{src} holds a {info.get('model_family')} model; RLHF stages train GPT models")
+        try:
+            arch = models.config_from_dict("gpt", dict(info["model"], activation_checkpointing=activation_checkpointing))
+        except (KeyError, ValueError, TypeError) as e:
+            raise UsageError(f"{src}: bad recorded architecture: {e}") from None
+        if arch.vocab_size < vocab_size:
+            raise UsageError(f"{src} has a vocabulary of {arch.vocab_size}, the tokenizer {vocab_size}")
+    if arch.max_seq_len < seq_len:
+        raise UsageError(f"sequences of {seq_len} tokens exceed the model's max_seq_len={arch.max_seq_len}")
+    return arch
+
+
+def build_rlhf_model(cls, arch, ds_config: dict, zero_stage: int, seed: int, init, tokenizer_hash: str, what: str):
+    """A PolicyLM or ScalarHeadModel (partitioned under ZeRO-3), initialised, then loaded from
+    `init` when given: a causal LM's weights give a scalar model its backbone (fresh head); a
+    reward model / critic checkpoint gives it everything. `what` names the model in errors."""
+    from llmstack.models.heads import ScalarHeadModel, backbone_state, is_scalar_state
+
+    torch.manual_seed(seed)
+    with ds.model_init_context(ds_config, zero_stage):
+        model = cls(arch)
+    torch.manual_seed(seed)
+    ds.init_weights(model, model.init_module_, zero_stage)
+    if init is None:
+        return model
+    src, info, state = init
+    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer_hash:
+        raise UsageError(f"tokenizer mismatch: {what} {src} was made with tokenizer {info['tokenizer_hash']}, this "
+                         f"run's tokenizer is {tokenizer_hash}; the actor, critic and reward model must share one")
+    scalar = is_scalar_state(state)
+    if isinstance(model, ScalarHeadModel):
+        if scalar:
+            ds.load_state_dict_into(model, state, zero_stage)
+        else:
+            ds.load_state_dict_into(model.backbone, backbone_state(state), zero_stage)
+    elif scalar:
+        raise UsageError(f"{what} {src} is a reward model / critic (a scalar head), not a language model")
+    else:
+        ds.load_state_dict_into(model, state, zero_stage)
+    return model
+
+
+def rlhf_meta(step: int, world: int, zero_stage: int, precision: str, tokenizer, arch, cfg, head: str | None,
+              **extra) -> dict:
+    """meta.json of an RLHF checkpoint; `head` is "scalar" for reward models and critics."""
+    return {"step": step, "world_size": world, "zero_stage": zero_stage, "precision": precision,
+            "tokenizer_hash": tokenizer.hash, "tokenizer_path": tokenizer.path, "model_family": "gpt",
+            "head": head, "model": arch.__dict__, "config": cfg.model_dump(mode="json"), "time": time.time(), **extra}
+
+
+def train_engine(model, train_cfg, ds_config: dict, lr: float | None = None):
+    """A training engine with the config's optimizer over the usual decay / no-decay groups."""
+    from llmstack.train.optim import param_groups
+
+    t = train_cfg
+    return ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=lr or t.lr, betas=t.betas,
+                            eps=t.eps, optimizer=t.optimizer, momentum=t.momentum)

@@ -8,6 +8,9 @@ import: a Hugging Face directory of GPT-2, LLaMA, BERT (masked LM) or T5 -> a na
 directory (model.safetensors + llmstack_model.json + the tokenizer files) that
 `model.init`, `llmstack generate`, `llmstack-eval` and `llmstack export` all accept.
 
+A checkpoint of `llmstack sft` with LoRA adapters is exported merged (W + alpha/r B A; see
+models/lora.py and checkpoint.merge_adapters).
+
 Both write into a temp directory and rename it into place, so an interrupted run leaves no
 half-written output.
 """
@@ -30,6 +33,7 @@ from llmstack.train import checkpoint as ckpt
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # tokenizer files copied along (whatever of them the tokenizer directory has)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "llmstack_tokenizer.json",
+                   "chat_template.jinja",
                    "sentencepiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
 
 
@@ -94,8 +98,22 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"export: {e}") from None
     _copy_tokenizer(Path(tok.path), tmp)
+    _add_chat_template(tmp)
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _add_chat_template(out: Path) -> None:
+    """Give an exported llmstack tokenizer the chat template if its files predate it (role tokens
+    present): `apply_chat_template` then works on the export. Others are left as they are."""
+    from data_pipeline.tokenizer import write_chat_template
+
+    if not (out / "llmstack_tokenizer.json").is_file():
+        return
+    try:
+        write_chat_template(out)
+    except ValueError:  # no role tokens: nothing to template
+        pass
 
 
 def import_hf(hf_dir: str, out: str) -> Path:

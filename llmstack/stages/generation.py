@@ -4,12 +4,15 @@ The model comes from a checkpoint, a consolidated / imported directory, or a Hug
 directory. GPT prompts are preceded by EOS when the tokenizer is llmstack's (pretraining
 documents follow an EOS, so this is "start of a document"); T5 prompts end with EOS, as the
 encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token).
+With --chat, each message is a user turn under the chat template (formats.encode_prompt: the
+conversation up to the assistant header) and the reply stops at <|end|>.
 """
 
 from __future__ import annotations
 
 import torch
 
+from data_pipeline import formats
 from llmstack.errors import UsageError
 from llmstack.generate import generate
 from llmstack.train.checkpoint import load_for_inference
@@ -31,8 +34,14 @@ def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
 
 def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
         top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] = (), seed: int = 0,
-        tokenizer_path: str | None = None, use_cache: bool = True) -> list[str]:
-    """Generate and print one continuation per prompt; returns the texts."""
+        tokenizer_path: str | None = None, use_cache: bool = True, chat: list[str] = (),
+        system: str | None = None) -> list[str]:
+    """Generate and print one continuation per prompt (or one reply per --chat message under the
+    chat template, see data_pipeline/formats.py); returns the texts."""
+    if bool(prompts) == bool(chat):
+        raise UsageError("give --prompt or --chat (one or more times; not both)")
+    if system is not None and not chat:
+        raise UsageError("--system goes with --chat")
     for name, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
                             ("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0),
                             ("--top-p", top_p, 0 < top_p <= 1), ("--repetition-penalty", repetition_penalty,
@@ -47,11 +56,22 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     ids = [tok.encode(p) for p in prompts]
     if family == "gpt" and tok.meta and eos is not None:
         ids = [[eos] + x for x in ids]
+    chat_stops = []
+    if chat:
+        if family != "gpt":
+            raise UsageError("--chat needs a gpt model fine-tuned with `llmstack sft`")
+        try:
+            end = formats.chat_tokens(tok)["end"]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        head = [{"role": "system", "content": system}] if system else []
+        ids = [formats.encode_prompt(tok, [*head, {"role": "user", "content": c}]) for c in chat]
+        prompts, chat_stops = list(chat), [end]
     if family == "t5" and eos is not None:
         ids = [x + [eos] for x in ids]
     if any(len(x) == 0 for x in ids):
         raise UsageError("empty prompt: give at least one token of text")
-    stops = stop_token_ids(tok, list(stop)) + ([eos] if eos is not None else [])
+    stops = stop_token_ids(tok, list(stop)) + chat_stops + ([eos] if eos is not None else [])
     pad = tok.pad_id if tok.pad_id is not None else 0
     try:
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -64,5 +84,8 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
         new = new[:-1] if new and new[-1] in stops else new
         text = tok.decode(new)
         texts.append(text)
-        print(f"--- prompt: {prompt!r}\n{prompt if family == 'gpt' else ''}{text}", flush=True)
+        if chat:
+            print(f"--- user: {prompt!r}\n{text}", flush=True)
+        else:
+            print(f"--- prompt: {prompt!r}\n{prompt if family == 'gpt' else ''}{text}", flush=True)
     return texts

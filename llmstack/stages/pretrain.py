@@ -34,6 +34,23 @@ def causal_lm_loss(engine, batch: dict) -> torch.Tensor:
     return engine(batch["input_ids"], labels=batch["labels"], **extra)
 
 
+def train_loss(cfg: PretrainConfig):
+    """The training loss: causal_lm_loss, plus label smoothing / z-loss when set (GPT only);
+    validation always reports the plain loss, so runs stay comparable."""
+    t = cfg.train
+    if not (t.label_smoothing or t.z_loss):
+        return causal_lm_loss
+    if cfg.model.family != "gpt":
+        raise UsageError("train.label_smoothing / train.z_loss apply to GPT models, "
+                         f"not model.family={cfg.model.family}")
+
+    def loss(engine, batch: dict) -> torch.Tensor:
+        extra = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return engine(batch["input_ids"], labels=batch["labels"], label_smoothing=t.label_smoothing, z_loss=t.z_loss,
+                      **extra)
+    return loss
+
+
 def ds_config_for(cfg: PretrainConfig, world: int) -> tuple[dict, int, int]:
     """(ds_config, grad_accum, global_batch) for this config and world size."""
     t = cfg.train
@@ -91,7 +108,8 @@ def run(cfg: PretrainConfig) -> dict:
         env.print0(f"initialised weights from {src}")
     if t.compile:
         model.compile()
-    engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=t.lr, betas=t.betas, eps=t.eps)
+    engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=t.lr, betas=t.betas, eps=t.eps,
+                              optimizer=t.optimizer, momentum=t.momentum)
 
     train_sources = data_stage.resolve_sources(cfg.data.sources, tokenizer.hash)
     val_sources = data_stage.resolve_sources(cfg.data.val_sources, tokenizer.hash)
@@ -139,7 +157,7 @@ def run(cfg: PretrainConfig) -> dict:
     t0 = time.perf_counter()
     try:
         result = train_loop(
-            engine, train_batches, loss_fn=causal_lm_loss, start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
+            engine, train_batches, loss_fn=train_loss(cfg), start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
             lr_fn=lambda s: lr_at(s, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                                   schedule=t.schedule, min_lr_ratio=t.min_lr_ratio),
             tokens_per_step=tokens_per_step, flops_per_token=flops_tok, peak_flops=peak, logger=logger,

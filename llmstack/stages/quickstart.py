@@ -1,20 +1,39 @@
-"""`llmstack quickstart`: the tiny end-to-end demo on the builtin corpus, on CPU.
+"""`llmstack quickstart`: the whole pipeline, tiny, on the builtin corpus, on CPU.
 
-Trains a byte-level BPE tokenizer and a tiny gpt2-style model on the docstrings and comments of
-the running Python's standard library, then compares the held-out validation loss with the
-unigram entropy of the held-out corpus (the loss of the best predictor that ignores context).
-Starts fresh every time; writes OUT/report.md.
+tokenizer -> pretrain -> SFT -> reward model -> PPO and DPO -> eval, each stage the same code and
+demo config (configs/<stage>/) a user runs by hand, chained through checkpoints:
+
+    pretrain (gpt2-tiny on the stdlib's docstrings and comments)
+      -> sft  (answer "What does `json.dumps` do?" with the docstring's first paragraph)
+           -> rm   (score the true summary above a wrong one)  -> ppo (actor = sft, reward = rm)
+           -> dpo  (the same preference pairs, no reward model)
+    eval: held-out perplexity and the demo multiple-choice task for the pretrained, SFT, PPO and
+          DPO models (through `llmstack-eval`, which sits above the library).
+
+Writes OUT/report.md (a table of every stage's metrics, PNG curves under OUT/plots/ made from
+each run's metrics.jsonl) and OUT/report.json. Starts fresh every time. `--scale` shrinks every
+stage's step count (a smoke run of the wiring); the default is the demo as documented.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from llmstack.config import PretrainConfig
+from llmstack.config import DPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
 from llmstack.dist import env
+from llmstack.errors import UsageError
 from llmstack.stages import common, pretrain
+from llmstack.stages.report import write_report
+
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "eval")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EVAL_TASKS = ("ppl:builtin:validation", "demo_mc")
 
 
 def quickstart_config(out: Path, steps: int) -> PretrainConfig:
@@ -29,37 +48,154 @@ def quickstart_config(out: Path, steps: int) -> PretrainConfig:
     })
 
 
-def run(out: str = "runs/quickstart", steps: int = 300) -> dict:
-    out_dir = Path(out)
-    cfg = quickstart_config(out_dir, steps)
-    if env.is_main():
-        shutil.rmtree(cfg.run.path, ignore_errors=True)
-    summary = pretrain.run(cfg)
+def demo_config(schema, stage: str, name: str, overrides: list[str], scale: float):
+    """The stage's demo config from configs/, with the quickstart's paths and `scale` applied to
+    its step count (and the evaluation cadence, so a scaled run still evaluates)."""
+    path = CONFIGS / stage / name
+    if not path.is_file():
+        raise UsageError(f"{path} not found: the quickstart runs from a checkout of the llmstack repository")
+    cfg = load_config(schema, str(path), overrides)
+    if scale != 1.0:
+        t = cfg.train
+        t.max_steps = max(2, round(t.max_steps * scale))
+        if getattr(t, "eval_every", 0):
+            t.eval_every = max(1, round(t.eval_every * scale))
+        t.warmup_steps = min(t.warmup_steps, t.max_steps // 2)
+        if hasattr(t, "log_every"):
+            t.log_every = max(1, min(t.log_every, t.max_steps // 4))
+    return cfg
 
+
+def banner(text: str) -> None:
+    env.print0(f"\n=== quickstart: {text} ===")
+
+
+def evaluate(model: str, out_json: Path) -> dict:
+    """`llmstack-eval` on the quickstart's tasks, in a child process (the eval suite sits above the
+    library, which never imports it)."""
+    cmd = [sys.executable, "-m", "eval", "--model", model, "--tasks", ",".join(EVAL_TASKS),
+           "--output", str(out_json), "--batch-size", "16", "--no-progress"]
+    child = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                               "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, env=child, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation of {model} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+def task_metric(results: dict, task: str, metric: str):
+    value = (results.get("tasks", {}).get(task) or {}).get(metric)
+    return value.get("value") if isinstance(value, dict) else value
+
+
+def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0) -> dict:
+    if env.world_size() > 1:
+        raise UsageError("the quickstart runs in one process: start it without a launcher")
+    if not 0 < scale <= 1:
+        raise UsageError(f"--scale must be in (0, 1], got {scale}")
+    out_dir = Path(out).resolve()
+    t_start = time.perf_counter()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    report: dict = {"out": str(out_dir), "scale": scale, "stages": {}}
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        report["stages"][name] = result
+        return result
+
+    banner("1/6 tokenizer + pretraining")
+    cfg = quickstart_config(out_dir, steps)
+    pre = timed("pretrain", pretrain.run, cfg)
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
     from data_pipeline.stream import entropy_of_counts, token_counts
 
     counts = token_counts(common.source_texts(cfg.data.val_sources), tokenizer)  # each document + its EOS
-    h, val_tokens = entropy_of_counts(counts), int(counts.sum())
-    report = {**summary, "val_unigram_entropy": h, "val_tokens": val_tokens}
-    if env.is_main():
-        lines = [
-            "# llmstack quickstart",
-            "",
-            f"Tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens (hash {tokenizer.hash}) at `{cfg.tokenizer.path}`.",
-            f"Model: gpt2-tiny, {steps} steps, run directory `{cfg.run.path}`.",
-            "",
-            "| metric | value |",
-            "|---|---|",
-            f"| final train loss (nats/token) | {summary['final_loss']:.4f} |",
-            f"| final validation loss (nats/token) | {summary['final_val_loss']:.4f} |",
-            f"| unigram entropy of the validation corpus (nats/token) | {h:.4f} |",
-            f"| validation tokens | {val_tokens} |",
-            f"| tokens trained | {summary['tokens']} |",
-            f"| wall time (s) | {summary['seconds']} |",
-            "",
-        ]
-        (out_dir / "report.md").write_text("\n".join(lines))
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-        print("\n".join(lines))
+    pre["val_unigram_entropy"], pre["val_tokens"] = entropy_of_counts(counts), int(counts.sum())
+    pre_ckpt = str(out_dir / "pretrain" / "checkpoints" / "latest")
+
+    banner("2/6 supervised fine-tuning")
+    sft_cfg = demo_config(SFTConfig, "sft", "gpt-tiny-demo.yaml",
+                          [f"run.dir={out_dir / 'sft'}", f"model.init={pre_ckpt}", "train.resume=none"], scale)
+    sft = timed("sft", _stage("sft"), sft_cfg)
+    sft_ckpt = str(out_dir / "sft" / "checkpoints" / "latest")
+
+    banner("3/6 reward model")
+    rm_cfg = demo_config(RMConfig, "rm", "demo.yaml",
+                         [f"run.dir={out_dir / 'rm'}", f"model.init={sft_ckpt}", "train.resume=none"], scale)
+    rm = timed("rm", _stage("reward"), rm_cfg)
+    rm_ckpt = str(out_dir / "rm" / "checkpoints" / "latest")
+
+    banner("4/6 PPO against the reward model")
+    ppo_cfg = demo_config(PPOConfig, "ppo", "demo.yaml",
+                          [f"run.dir={out_dir / 'ppo'}", f"actor.init={sft_ckpt}", f"reward.init={rm_ckpt}",
+                           "train.resume=none"], scale)
+    ppo = timed("ppo", _stage("ppo"), ppo_cfg)
+    ppo_ckpt = str(out_dir / "ppo" / "checkpoints" / "actor" / "latest")
+
+    banner("5/6 DPO")
+    dpo_cfg = demo_config(DPOConfig, "dpo", "demo.yaml",
+                          [f"run.dir={out_dir / 'dpo'}", f"model.init={sft_ckpt}", "train.resume=none"], scale)
+    dpo = timed("dpo", _stage("dpo"), dpo_cfg)
+    dpo_ckpt = str(out_dir / "dpo" / "checkpoints" / "latest")
+
+    banner("6/6 evaluation")
+    evals = {}
+    t0 = time.perf_counter()
+    for name, ckpt in (("pretrain", pre_ckpt), ("sft", sft_ckpt), ("ppo", ppo_ckpt), ("dpo", dpo_ckpt)):
+        evals[name] = evaluate(ckpt, out_dir / "eval" / f"{name}.json")
+    seconds["eval"] = round(time.perf_counter() - t0, 1)
+    report["stages"]["eval"] = evals
+    report["seconds"] = {**seconds, "total": round(time.perf_counter() - t_start, 1)}
+
+    ppl_task = EVAL_TASKS[0]
+    stages = [
+        {"name": "pretrain", "run_dir": cfg.run.path, "metrics": {
+            "validation loss (nats/token)": pre["final_val_loss"],
+            "unigram entropy of validation corpus (nats/token)": pre["val_unigram_entropy"],
+            "tokens trained": pre["tokens"], "seconds": seconds["pretrain"]}},
+        {"name": "sft", "run_dir": sft_cfg.run.path, "metrics": {
+            "response loss before -> after (nats/token)": f"{sft['val_loss_before']:.4f} -> {sft['val_loss_after']:.4f}",
+            "supervised tokens": sft["supervised_tokens"], "skipped records": sft["skipped_records"],
+            "seconds": seconds["sft"]}},
+        {"name": "rm", "run_dir": rm_cfg.run.path, "metrics": {
+            "held-out pairwise accuracy before -> after": f"{rm['val_accuracy_before']:.3f} -> {rm['val_accuracy']:.3f}",
+            "held-out reward margin": rm["val_margin"], "seconds": seconds["rm"]}},
+        {"name": "ppo", "run_dir": ppo_cfg.run.path, "metrics": {
+            "mean reward first -> last steps": f"{ppo['reward_first']:.3f} -> {ppo['reward_last']:.3f}",
+            "KL to reference (last, max)": f"{ppo['kl_last']:.4f}, {ppo['kl_max']:.4f}",
+            "time per step generate / score / train (s)":
+                f"{ppo['time_generate']:.2f} / {ppo['time_score']:.2f} / {ppo['time_train']:.2f}",
+            "seconds": seconds["ppo"]}},
+        {"name": "dpo", "run_dir": dpo_cfg.run.path, "metrics": {
+            "held-out accuracy before -> after": f"{dpo['val_accuracy_before']:.3f} -> {dpo['val_accuracy']:.3f}",
+            "held-out implicit reward margin before -> after": f"{dpo['val_margin_before']:.4f} -> {dpo['val_margin']:.4f}",
+            "seconds": seconds["dpo"]}},
+        {"name": "eval", "run_dir": None, "metrics": {
+            **{f"{name}: held-out token perplexity": task_metric(r, ppl_task, "perplexity") for name, r in evals.items()},
+            **{f"{name}: demo_mc acc / acc_norm": f"{task_metric(r, 'demo_mc', 'acc'):.3f} / "
+               f"{task_metric(r, 'demo_mc', 'acc_norm'):.3f}" for name, r in evals.items()},
+            "seconds": seconds["eval"]}},
+    ]
+    intro = [
+        f"Tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens (hash {tokenizer.hash}) at `{cfg.tokenizer.path}`.",
+        f"Model: gpt2-tiny, pretrained {steps} steps; every later stage uses the demo config under `configs/`"
+        + ("" if scale == 1.0 else f" with its steps scaled by {scale}") + ".",
+        f"Wall time: {report['seconds']['total']} s in total.",
+    ]
+    path = write_report(out_dir, "llmstack quickstart", intro, stages)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(path.read_text())
     return report
+
+
+def _stage(module: str):
+    """A later stage's run(), imported when reached (each pulls in its own dependencies)."""
+    def call(cfg):
+        import importlib
+
+        return importlib.import_module(f"llmstack.stages.{module}").run(cfg)
+    return call

@@ -164,7 +164,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
 
     src = resolve(ckpt)
     meta = read_meta(src)
-    state = ds.consolidated_state_dict(src)
+    state = merge_adapters(ds.consolidated_state_dict(src), meta, src)
     if meta.get("model", {}).get("tie_embeddings"):
         state.pop("lm_head.weight", None)
     out = Path(out_dir)
@@ -242,7 +242,26 @@ def read_weights(path: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]
                 "tokenizer_hash": tokenizer_hash(p) if has_tok else None, "source": str(p)}
         return p, info, state
     src = resolve(p)
-    return src, read_meta(src), ds.consolidated_state_dict(src)
+    meta = read_meta(src)
+    return src, meta, merge_adapters(ds.consolidated_state_dict(src), meta, src)
+
+
+def merge_adapters(state: dict[str, torch.Tensor], meta: dict, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The plain model's state dict: LoRA adapters of an `llmstack sft` checkpoint merged in.
+
+    ZeRO 1-2 consolidation rebuilds only the optimizer's (trainable) parameters; the frozen base
+    weights come from the module state DeepSpeed saves whole for those stages (LoRA under ZeRO-3
+    is refused, so they are never partitioned).
+    """
+    if not meta.get("lora"):
+        return state
+    from llmstack.models.lora import merge_lora_state
+
+    module_file = ckpt_dir / "mp_rank_00_model_states.pt"
+    if module_file.is_file():
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        state = {**{k: v.float() for k, v in module.items()}, **state}
+    return merge_lora_state(state, meta["lora"]["scaling"])
 
 
 def load_for_inference(path: str | Path, tokenizer_path: str | None = None):

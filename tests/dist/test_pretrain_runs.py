@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +252,7 @@ def test_failing_rank_ends_the_job_with_a_clear_message(runs, tmp_path):
     out = proc.stdout + proc.stderr
     assert "error: rank 1 on host" in out and "injected fault" in out
     assert elapsed < 120, f"job took {elapsed:.0f}s to die"
+    # DeepSpeed's CPU shared-memory buffers (~69 MB per rank) are unlinked right after init, so
+    # not even the rank the launcher killed leaves one behind
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []

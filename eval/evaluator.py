@@ -1,0 +1,258 @@
+"""`evaluate(model, tasks)`: load a model, run each task, return the results dict (as in the JSON).
+
+Stated choices (all written into the results): BOS before every context (default: whatever the
+model was trained with, `data.bos` of its run; off for a Hugging Face directory, as the harness's
+HF backend does), the few-shot count and seed, and the normalisations: `acc_norm` divides each
+choice's log-likelihood by the UTF-8 byte length of the choice text (lm-evaluation-harness's
+`acc_norm` divides by characters, reported here as `acc_chars`; equal for ASCII text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval import metrics as M
+from eval.engine import Scorer, rolling_rows
+from eval.taskspec import load_spec, prepare
+from llmstack.dist import env
+from llmstack.errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "fp32"):
+    """(model on this rank's device, tokenizer, info): a checkpoint of any ZeRO stage (consolidated
+    on load), a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA directory."""
+    from llmstack.train.checkpoint import load_for_inference
+
+    if not Path(path).exists():
+        raise UsageError(f"model not found: {path}")
+    model, tokenizer, info = load_for_inference(path, tokenizer_path)
+    family = info.get("model_family", "gpt")
+    if family != "gpt":
+        raise UsageError(f"{path} is a {family} model: llmstack-eval scores decoder-only (gpt) models")
+    model = model.to(env.device(), DTYPES[dtype])
+    return model, tokenizer, info
+
+
+def weights_hash(model) -> str:
+    """sha256 of the weights (names, shapes and bytes, in name order), first 16 hex digits."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _bos_default(info: dict) -> bool:
+    return bool(((info.get("config") or {}).get("data") or {}).get("bos", False))
+
+
+def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = None, fewshot_seed: int = 1234,
+             batch_size: int = 8, bos: bool | None = None, limit: int | None = None, log_samples: bool = False,
+             truncate: str = "error", context: int | None = None, stride: int | None = None,
+             tokenizer: str | None = None, dtype: str = "fp32", progress: bool = True) -> dict:
+    """Evaluate a model on tasks; returns the results (config, model, per-task metrics).
+
+    tasks: builtin task names (eval/tasks/*.yaml), YAML paths, or `ppl:SOURCE` (rolling perplexity
+    of a text source; `context` tokens per window, default the model's, advancing by `stride`,
+    default the context). Runs data-parallel when started by a launcher (WORLD_SIZE > 1).
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if truncate not in ("error", "left"):
+        raise UsageError(f"--truncate must be error or left, got {truncate!r}")
+    # specs, data and prompts first: bad input fails before the model is loaded
+    specs = []
+    for name in filter(None, (t.strip() for t in tasks)):
+        if name.startswith("ppl:"):
+            specs.append((name, None))
+        else:
+            spec, file = load_spec(name)
+            specs.append((name, prepare(spec, file.parent, num_fewshot, fewshot_seed, limit)))
+    if not specs:
+        raise UsageError("no tasks given")
+    if env.world_size() > 1:
+        env.init()
+    model, tok, info = load_model(model_path, tokenizer, dtype)
+    use_bos = _bos_default(info) if bos is None else bos
+    if use_bos and tok.bos_id is None:
+        raise UsageError(f"--bos: the tokenizer of {model_path} has no BOS token")
+    scorer = Scorer(model, tok, batch_size=batch_size, device=env.device(), progress=progress)
+    results = {
+        "model": str(model_path), "step": info.get("step"), "model_hash": weights_hash(model),
+        "tokenizer_hash": tok.hash, "architecture": info.get("model"),
+        "config": {"tasks": [n for n, _ in specs], "num_fewshot": num_fewshot, "fewshot_seed": fewshot_seed,
+                   "batch_size": batch_size, "bos": use_bos, "truncate": truncate, "dtype": dtype, "limit": limit,
+                   "world_size": env.world_size(), "max_seq_len": scorer.max_len,
+                   "acc_norm": "log-likelihood / UTF-8 bytes of the choice"},
+        "tasks": {},
+    }
+    t0 = time.perf_counter()
+    for name, prep in specs:
+        if prep is None:
+            from eval.perplexity import perplexity
+
+            trained = ((info.get("config") or {}).get("data") or {}).get("seq_len")
+            ctx_len = context or min(trained or scorer.max_len, scorer.max_len)
+            results["tasks"][name] = perplexity(scorer, name[4:], ctx_len, stride or ctx_len, use_bos)
+            continue
+        spec = prep.spec
+        run = {"multiple_choice": _multiple_choice, "loglikelihood": _loglikelihood,
+               "generate_until": _generate, "loglikelihood_rolling": _rolling}[spec.output_type]
+        res = run(scorer, prep, use_bos, truncate, log_samples)
+        k = spec.num_fewshot if num_fewshot is None else num_fewshot
+        results["tasks"][spec.task] = {"output_type": spec.output_type, "n_samples": len(prep.docs),
+                                       "num_fewshot": k or 0, "fewshot_seed": fewshot_seed, "bos": use_bos, **res}
+    elapsed = time.perf_counter() - t0
+    results["throughput"] = {"seconds": elapsed, "model_seconds": scorer.seconds,
+                             "tokens_per_s": scorer.tokens_scored / scorer.seconds if scorer.seconds else None}
+    return results
+
+
+def _metric_values(per_sample: list[dict], names: list[str]) -> dict:
+    out = {}
+    for m in names:
+        mean, se = M.mean_and_stderr([s[m] for s in per_sample])
+        out[m], out[f"{m}_stderr"] = mean, se
+    return out
+
+
+def _encode(scorer, pairs, where, bos, truncate):
+    reqs = scorer.encode_pairs(pairs, bos)
+    return scorer.fit(reqs, where, truncate)
+
+
+def _multiple_choice(scorer: Scorer, prep, bos: bool, truncate: str, log_samples: bool) -> dict:
+    spec = prep.spec
+    pairs, where, owner = [], [], []
+    for i, (ctx, chs, gold, multi) in enumerate(zip(prep.contexts, prep.choices, prep.golds, prep.multiple_input)):
+        if multi:  # one context per choice, the same continuation (Winogrande)
+            target = spec.target_delimiter + prep.targets[i]
+            pairs += [(c, target) for c in ctx]
+        else:
+            pairs += [(ctx, spec.target_delimiter + c) for c in chs]
+        where += [f"task {spec.task}: sample {i}"] * len(chs)
+        owner += [i] * len(chs)
+    reqs, truncated = _encode(scorer, pairs, where, bos, truncate)
+    lls = scorer.loglikelihood(reqs, desc=spec.task)
+    per_doc: list[list[float]] = [[] for _ in prep.docs]
+    for i, (ll, _) in zip(owner, lls):
+        per_doc[i].append(ll)
+    samples = []
+    for i, ll in enumerate(per_doc):
+        chs, gold = prep.choices[i], prep.golds[i]
+        ll_arr = np.array(ll)
+        n_bytes = np.array([float(len(c.encode("utf-8"))) for c in chs])
+        n_chars = np.array([float(len(c)) for c in chs])
+        s = {"acc": float(np.argmax(ll_arr) == gold), "acc_norm": float(np.argmax(ll_arr / n_bytes) == gold),
+             "acc_chars": float(np.argmax(ll_arr / n_chars) == gold)}
+        if log_samples:
+            s.update(doc_id=i, context=prep.contexts[i], choices=chs, gold=gold, loglikelihoods=ll)
+        samples.append(s)
+    names = [m.metric for m in spec.metrics()]
+    out = {**_metric_values(samples, names), "truncated": truncated}
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def _loglikelihood(scorer: Scorer, prep, bos: bool, truncate: str, log_samples: bool) -> dict:
+    spec = prep.spec
+    pairs = [(ctx, spec.target_delimiter + gold) for ctx, gold in zip(prep.contexts, prep.golds)]
+    where = [f"task {spec.task}: sample {i}" for i in range(len(pairs))]
+    reqs, truncated = _encode(scorer, pairs, where, bos, truncate)
+    res = scorer.loglikelihood(reqs, desc=spec.task)
+    out = {"truncated": truncated}
+    names = [m.metric for m in spec.metrics()]
+    if "acc" in names:
+        out.update(_metric_values([{"acc": float(g)} for _, g in res], ["acc"]))
+    if "perplexity" in names:
+        out["perplexity"], out["perplexity_stderr"] = M.perplexity_and_stderr([ll for ll, _ in res])
+    if log_samples:
+        out["samples"] = [{"doc_id": i, "context": c, "target": t, "loglikelihood": ll, "is_greedy": g}
+                          for i, ((c, t), (ll, g)) in enumerate(zip(pairs, res))]
+    return out
+
+
+def _generate(scorer: Scorer, prep, bos: bool, truncate: str, log_samples: bool) -> dict:
+    spec = prep.spec
+    gen = spec.generation_kwargs
+    until = gen.until if gen and gen.until else [spec.fewshot_delimiter]
+    max_new = gen.max_gen_toks if gen else 32
+    ids = scorer.tokenizer.encode_batch(prep.contexts)
+    if bos:
+        ids = [[scorer.tokenizer.bos_id, *p] for p in ids]
+    where = [f"task {spec.task}: sample {i}" for i in range(len(ids))]
+    truncated = 0
+    if truncate == "left":
+        keep = scorer.max_len - 1
+        truncated = sum(len(p) > keep for p in ids)
+        ids = [p[-keep:] for p in ids]
+    texts = scorer.generate_until(ids, [until] * len(ids), [max_new] * len(ids), where, desc=spec.task)
+    samples = []
+    for i, (text, gold) in enumerate(zip(texts, prep.golds)):
+        golds = [str(g) for g in gold] if isinstance(gold, list) else [str(gold)]
+        s = {}
+        for m in spec.metrics():
+            steps = list(m.normalize) + (["lower"] if m.ignore_case else []) + \
+                (["strip_punctuation"] if m.ignore_punctuation else [])
+            s[m.metric] = (M.exact_match if m.metric == "exact_match" else M.f1)(text, golds, steps)
+        if log_samples:
+            s.update(doc_id=i, prompt=prep.contexts[i], generation=text, gold=golds)
+        samples.append(s)
+    out = {**_metric_values(samples, [m.metric for m in spec.metrics()]), "truncated": truncated,
+           "normalization": {m.metric: m.normalize + (["lower"] if m.ignore_case else []) +
+                             (["strip_punctuation"] if m.ignore_punctuation else []) for m in spec.metrics()}}
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def _rolling(scorer: Scorer, prep, bos: bool, truncate: str, log_samples: bool) -> dict:
+    """Per-document log-likelihood (each document alone, after BOS, or EOS without one), as the
+    harness's loglikelihood_rolling; metrics weighted by words / bytes over all documents."""
+    tok = scorer.tokenizer
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    rows = []
+    ids = tok.encode_batch(prep.golds)
+    for i, doc_ids in enumerate(ids):
+        rows += rolling_rows([prefix, *doc_ids], scorer.max_len, scorer.max_len, i)
+    res = scorer.score_rows(rows, desc=prep.spec.task)
+    ll = [0.0] * len(ids)
+    for (i, _), (lp, _) in sorted(res.items()):
+        ll[i] += lp
+    total, words = math.fsum(ll), sum(M.count_words(t) for t in prep.golds)
+    n_bytes = sum(len(t.encode("utf-8")) for t in prep.golds)
+    out = {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / n_bytes),
+           "bits_per_byte": -total / n_bytes / math.log(2), "truncated": 0}
+    if log_samples:
+        out["samples"] = [{"doc_id": i, "loglikelihood": v} for i, v in enumerate(ll)]
+    return out
+
+
+def format_table(results: dict) -> str:
+    """The metrics as a plain-text table (task, metric, value, standard error)."""
+    lines = [f"{'task':<28} {'metric':<16} {'value':>10} {'stderr':>9}", "-" * 66]
+    skip = {"n_samples", "num_fewshot", "fewshot_seed", "bos", "truncated", "tokens_scored", "documents",
+            "bytes", "words", "context", "stride"}
+    for task, res in results["tasks"].items():
+        for k, v in res.items():
+            if k in skip or k.endswith("_stderr") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            se = res.get(f"{k}_stderr")
+            se_s = f"{se:9.4f}" if isinstance(se, float) and not math.isnan(se) else " " * 9
+            lines.append(f"{task[:28]:<28} {k:<16} {v:10.4f} {se_s}")
+    return "\n".join(lines)
+
+
+def print_table(results: dict, file=sys.stdout) -> None:
+    print(format_table(results), file=file, flush=True)

@@ -1,0 +1,372 @@
+"""Task specs: YAML close to lm-evaluation-harness, their datasets, prompts and few-shot contexts.
+
+A spec names a dataset and how a document becomes a prompt:
+
+    task: my_task
+    dataset_path: json                      # json | csv (local files), llmstack:demo_mc, or a Hub dataset
+    dataset_kwargs: {data_files: {test: my_task.jsonl, train: shots.jsonl}}
+    test_split: test
+    fewshot_split: train                    # else training_split, validation_split, then test_split
+    output_type: multiple_choice            # | loglikelihood | generate_until | loglikelihood_rolling
+    doc_to_text: "Question: {{question}}\\nAnswer:"   # a field name or a Jinja template
+    doc_to_target: label                    # index into the choices, or the answer text
+    doc_to_choice: "{{choices}}"            # a field, a list, or a template giving a list
+    target_delimiter: " "
+    fewshot_delimiter: "\\n\\n"
+    metric_list: [{metric: acc}, {metric: acc_norm}]
+
+Field values follow the harness: a string that names a field of the document is that field,
+anything else is rendered as a Jinja template with undefined names an error (filter
+`regex_replace` available); a rendered target or text that is all digits is an index when the
+task has choices, a rendered "[...]" a list. A prompt is: description, then for each few-shot
+example text + target_delimiter + answer + fewshot_delimiter, then the document's text.
+Few-shot examples are drawn per document, in document order, by one `random.Random(seed)`
+(`rnd.sample(pool, k)`, the harness's sampler, so the same seed gives the same prompts); when
+the pool is the evaluated split the document itself is never its own example (the harness excludes
+it only when `fewshot_split` names that split; without `fewshot_split` it may show a document its
+own answer, so give `fewshot_split` where results should match it).
+Relative data_files are looked up beside the YAML file first, then in the working directory.
+Unknown keys, missing fields and empty datasets are errors naming the task and the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llmstack.errors import UsageError
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+METRICS = {
+    "multiple_choice": ("acc", "acc_norm", "acc_chars"),
+    "loglikelihood": ("acc", "perplexity"),
+    "generate_until": ("exact_match", "f1"),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+}
+
+
+class MetricSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    aggregation: str | None = None  # accepted for harness compatibility: ours is fixed per metric
+    higher_is_better: bool | None = None
+    ignore_case: bool = False
+    ignore_punctuation: bool = False
+    normalize: list[str] = []  # lower | strip_punctuation | strip_articles | collapse_whitespace
+
+
+class FewshotSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal["default", "first_n"] = "default"
+
+
+class GenerationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    until: list[str] = []
+    max_gen_toks: int = 32
+    do_sample: Literal[False] = False  # greedy only
+    temperature: float = 0.0
+
+
+class TaskSpec(BaseModel):
+    """One task, as written in its YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    task_alias: str | None = None
+    tag: str | list[str] | None = None
+    dataset_path: str
+    dataset_name: str | None = None
+    dataset_kwargs: dict[str, Any] | None = None
+    training_split: str | None = None
+    validation_split: str | None = None
+    test_split: str
+    fewshot_split: str | None = None
+    fewshot_config: FewshotSpec = FewshotSpec()
+    output_type: Literal["multiple_choice", "loglikelihood", "generate_until", "loglikelihood_rolling"]
+    doc_to_text: str | int | None = None
+    doc_to_target: str | int | None = None
+    doc_to_choice: str | list[str] | None = None
+    description: str = ""
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    num_fewshot: int | None = None
+    metric_list: list[MetricSpec] | None = None
+    generation_kwargs: GenerationSpec | None = None
+    metadata: dict[str, Any] | None = None
+
+    def metrics(self) -> list[MetricSpec]:
+        return self.metric_list or [MetricSpec(metric=m) for m in METRICS[self.output_type][:2]]
+
+
+def builtin_task_files() -> dict[str, Path]:
+    """{task name: YAML file} of the specs shipped in eval/tasks/."""
+    out = {}
+    for f in sorted(TASK_DIR.glob("*.yaml")):
+        try:
+            name = (yaml.safe_load(f.read_text()) or {}).get("task")
+        except yaml.YAMLError:
+            continue
+        out[name or f.stem] = f
+    return out
+
+
+def load_spec(name_or_path: str) -> tuple[TaskSpec, Path]:
+    """A task spec by builtin name or YAML path; bad keys or values name the task and the field."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise UsageError(f"task file not found: {p}")
+        file = p
+    else:
+        files = builtin_task_files()
+        if name_or_path not in files:
+            raise UsageError(f"unknown task {name_or_path!r} (builtin: {', '.join(files)}; or ppl:SOURCE, or a .yaml file)")
+        file = files[name_or_path]
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"task file {file}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"task file {file}: expected a mapping of task fields")
+    label = raw.get("task", file.stem)
+    try:
+        spec = TaskSpec(**raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown field {loc!r} (allowed: {', '.join(TaskSpec.model_fields)})"
+                                if len(err["loc"]) == 1 else f"unknown field {loc!r}")
+            else:
+                problems.append(f"field {loc!r}: {err['msg']}")
+        raise UsageError(f"task {label} ({file}): " + "; ".join(problems)) from None
+    allowed = METRICS[spec.output_type]
+    for m in spec.metrics():
+        if m.metric not in allowed:
+            raise UsageError(f"task {label}: field 'metric_list': metric {m.metric!r} is not available for "
+                             f"output_type {spec.output_type} (allowed: {', '.join(allowed)})")
+    if spec.output_type == "multiple_choice" and spec.doc_to_choice is None:
+        raise UsageError(f"task {label}: field 'doc_to_choice' is required for multiple_choice")
+    return spec, file
+
+
+# -- datasets ---------------------------------------------------------------------------------
+def _read_local(path: Path, kind: str, task: str) -> list[dict]:
+    if kind == "csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    text = path.read_text(encoding="utf-8")
+    if kind == "json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                docs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"task {task}: {path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(docs[-1], dict):
+                raise UsageError(f"task {task}: {path}:{n}: expected a JSON object per line")
+    return docs
+
+
+def _local_file(name: str, base: Path, task: str) -> Path:
+    for cand in (base / name, Path(name)):
+        if cand.is_file():
+            return cand
+    raise UsageError(f"task {task}: data file {name} not found (looked beside {base} and in the working directory)")
+
+
+def load_split(spec: TaskSpec, split: str, base: Path) -> list[dict]:
+    """The documents of one split: local json/csv files, a builtin dataset, or the Hub."""
+    kind = spec.dataset_path
+    if kind.startswith("llmstack:"):
+        from eval.demo import builtin_dataset
+
+        return builtin_dataset(kind.partition(":")[2], split, spec.task)
+    kwargs = dict(spec.dataset_kwargs or {})
+    if kind in ("json", "csv"):
+        files = kwargs.get("data_files")
+        if isinstance(files, (str, list)):
+            files = {"train": files}
+        if not isinstance(files, dict) or split not in files:
+            raise UsageError(f"task {spec.task}: field 'dataset_kwargs.data_files' has no file for split {split!r}")
+        names = files[split] if isinstance(files[split], list) else [files[split]]
+        return [d for n in names for d in _read_local(_local_file(n, base, spec.task), kind, spec.task)]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(kind, spec.dataset_name, split=split, **kwargs)
+    except Exception as e:  # the Hub, offline mode, a wrong name: all end the same way for the user
+        raise UsageError(f"task {spec.task}: could not load dataset {kind!r}"
+                         f"{' / ' + spec.dataset_name if spec.dataset_name else ''} split {split!r}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return [dict(d) for d in ds]
+
+
+# -- templates --------------------------------------------------------------------------------
+_ENV = None
+
+
+def _env():
+    global _ENV
+    if _ENV is None:
+        from jinja2 import BaseLoader, Environment, StrictUndefined
+
+        _ENV = Environment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
+        _ENV.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
+    return _ENV
+
+
+class DocError(Exception):
+    """A document that a template cannot be applied to (turned into a UsageError naming the sample)."""
+
+
+def resolve(template, doc: dict, field: str, has_choices: bool):
+    """Apply one doc_to_* value to a document (see the module docstring)."""
+    if template is None:
+        raise DocError(f"field {field!r} is not set")
+    if isinstance(template, (int, list)):
+        return template
+    if template in doc:
+        return doc[template]
+    from jinja2 import TemplateError
+
+    try:
+        out = _env().from_string(template).render(**doc)
+    except TemplateError as e:
+        raise DocError(f"{field}: {e} (the sample's fields: {', '.join(doc)})") from None
+    except Exception as e:  # an expression in the template failed on this document
+        raise DocError(f"{field}: {type(e).__name__}: {e}") from None
+    if field == "doc_to_choice":
+        try:
+            value = ast.literal_eval(out)
+        except (ValueError, SyntaxError):
+            raise DocError(f"doc_to_choice: {out[:80]!r} is not a list") from None
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise DocError(f"doc_to_choice: {out[:80]!r} is not a list of strings")
+        return value
+    if out.isdigit() and has_choices:
+        return int(out)
+    if len(out) >= 2 and out[0] == "[" and out[-1] == "]":
+        try:
+            return ast.literal_eval(out)
+        except (ValueError, SyntaxError):
+            return out
+    return out
+
+
+class Prepared:
+    """A task's documents turned into prompts: per document the context(s), choices and gold."""
+
+    def __init__(self, spec: TaskSpec, docs: list[dict], contexts: list[Any], choices: list[list[str] | None],
+                 golds: list[Any], multiple_input: list[bool], targets: list[str | None]):
+        self.spec, self.docs, self.contexts, self.choices = spec, docs, contexts, choices
+        self.golds, self.multiple_input = golds, multiple_input
+        self.targets = targets  # multiple inputs: the continuation shared by every choice's context
+
+
+def _text(spec, doc, has_choices):
+    return resolve(spec.doc_to_text, doc, "doc_to_text", has_choices)
+
+
+def _answer(spec: TaskSpec, doc: dict) -> str:
+    """The answer text of a few-shot example."""
+    has_choices = spec.doc_to_choice is not None
+    target = resolve(spec.doc_to_target, doc, "doc_to_target", has_choices)
+    if has_choices:
+        choices = resolve(spec.doc_to_choice, doc, "doc_to_choice", True)
+        text = _text(spec, doc, True)
+        if isinstance(text, int):  # multiple inputs: the target is the shared continuation
+            return str(target)
+        if isinstance(target, int):
+            return choices[target]
+    if isinstance(target, list):
+        return str(target[0])
+    return str(target)
+
+
+def _example_text(spec: TaskSpec, doc: dict) -> str:
+    text = _text(spec, doc, spec.doc_to_choice is not None)
+    if isinstance(text, int):  # multiple inputs: the example shows its gold context
+        text = resolve(spec.doc_to_choice, doc, "doc_to_choice", True)[text]
+    return str(text)
+
+
+def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limit: int | None = None) -> Prepared:
+    """Load the task's data and build every document's prompt (every rank does this identically)."""
+    k = spec.num_fewshot if num_fewshot is None else num_fewshot
+    k = k or 0
+    docs = load_split(spec, spec.test_split, base)
+    if limit:
+        docs = docs[:limit]
+    if not docs:
+        raise UsageError(f"task {spec.task}: split {spec.test_split!r} of {spec.dataset_path} has no samples")
+    pool, pool_is_eval = [], False
+    if k > 0:
+        split = spec.fewshot_split or spec.training_split or spec.validation_split or spec.test_split
+        pool_is_eval = split == spec.test_split
+        pool = docs if pool_is_eval and not limit else load_split(spec, split, base)
+        if len(pool) < k + pool_is_eval:
+            raise UsageError(f"task {spec.task}: {k}-shot needs {k + pool_is_eval} few-shot documents, split "
+                             f"{split!r} has {len(pool)}")
+    rnd = random.Random(seed)
+    has_choices = spec.doc_to_choice is not None
+    contexts, choices, golds, multi, targets = [], [], [], [], []
+    for i, doc in enumerate(docs):
+        try:
+            if not isinstance(doc, dict):
+                raise DocError("a sample must be a mapping of fields")
+            prefix = str(resolve(spec.description, doc, "description", False)) if spec.description else ""
+            if k > 0:
+                if spec.fewshot_config.sampler == "first_n":
+                    shots = [d for j, d in enumerate(pool) if not (pool_is_eval and j == i)][:k]
+                elif pool_is_eval:
+                    idx = rnd.sample(range(len(pool)), k + 1)
+                    shots = [pool[j] for j in idx if j != i][:k]
+                else:
+                    shots = rnd.sample(pool, k)
+                for shot in shots:
+                    answer = _answer(spec, shot)
+                    prefix += _example_text(spec, shot) + (spec.target_delimiter if answer != "" else "") + answer
+                    prefix += spec.fewshot_delimiter
+            text = _text(spec, doc, has_choices)
+            target = resolve(spec.doc_to_target, doc, "doc_to_target", has_choices) \
+                if spec.doc_to_target is not None or spec.output_type != "generate_until" else None
+            chs = resolve(spec.doc_to_choice, doc, "doc_to_choice", True) if has_choices else None
+            is_multi = isinstance(text, int) and chs is not None
+            if spec.output_type == "multiple_choice":
+                if not chs:
+                    raise DocError("doc_to_choice gave no choices")
+                if is_multi:
+                    gold, ctx = text, [prefix + c for c in chs]
+                    if not isinstance(target, str):
+                        raise DocError(f"doc_to_target: expected the continuation text, got {target!r}")
+                else:
+                    gold = chs.index(target) if isinstance(target, str) and target in chs else target
+                    ctx = prefix + str(text)
+                if not isinstance(gold, int) or not 0 <= gold < len(chs):
+                    raise DocError(f"doc_to_target: {target!r} is neither a choice nor an index below {len(chs)}")
+            else:
+                gold = target
+                ctx = prefix + str(text) if spec.output_type != "loglikelihood_rolling" else ""
+                if spec.output_type in ("loglikelihood", "loglikelihood_rolling") and not isinstance(gold, str):
+                    raise DocError(f"doc_to_target: expected text, got {gold!r}")
+        except DocError as e:
+            raise UsageError(f"task {spec.task}: sample {i} of split {spec.test_split!r}: {e}") from None
+        contexts.append(ctx)
+        choices.append(chs)
+        golds.append(gold)
+        multi.append(is_multi)
+        targets.append(target if is_multi else None)
+    return Prepared(spec, docs, contexts, choices, golds, multi, targets)
