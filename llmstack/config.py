@@ -257,21 +257,28 @@ def _sft_data() -> DataConfig:
                       val_sources=[SourceConfig(path="builtin-sft:validation")], seq_len=256)
 
 
-class SFTConfig(Strict):
-    """`llmstack sft`: supervised fine-tuning of a GPT on chat records (full or LoRA)."""
+class FinetuneConfig(Strict):
+    """What every stage that trains one model from `model.init` shares (SFT, reward model, DPO);
+    each adds its data schema and its own options section."""
 
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
+    run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 1234
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
-    data: DataConfig = Field(default_factory=_sft_data)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sft: SFTOptions = Field(default_factory=SFTOptions)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
+
+
+class SFTConfig(FinetuneConfig):
+    """`llmstack sft`: supervised fine-tuning of a GPT on chat records (full or LoRA)."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
+    data: DataConfig = Field(default_factory=_sft_data)
+    sft: SFTOptions = Field(default_factory=SFTOptions)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": TokenizerTrainConfig,
@@ -297,19 +304,11 @@ class RMOptions(Strict):
     margin: float = Field(0.0, description="Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)")
 
 
-class RMConfig(Strict):
+class RMConfig(FinetuneConfig):
     """`llmstack rm`: a scalar-head reward model trained on preference pairs."""
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="rm"))
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero: ZeroConfig = Field(default_factory=ZeroConfig)
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
     rm: RMOptions = Field(default_factory=RMOptions)
 
 
@@ -320,19 +319,11 @@ class DPOOptions(Strict):
         "precompute", description="reference log-probs computed once before training, or by a frozen copy each step")
 
 
-class DPOConfig(Strict):
+class DPOConfig(FinetuneConfig):
     """`llmstack dpo`: direct preference optimisation of a causal LM against a frozen reference."""
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="dpo"))
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero: ZeroConfig = Field(default_factory=ZeroConfig)
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
 

@@ -20,9 +20,9 @@ from llmstack import models
 from llmstack.stages import common, objectives
 from llmstack.stages import data as data_stage
 from llmstack.train import checkpoint as ckpt
-from llmstack.train.loop import evaluate, train_loop
+from llmstack.train.loop import evaluate, train_with
 from llmstack.train.metrics import MetricsLogger
-from llmstack.train.optim import lr_at, param_groups
+from llmstack.train.optim import param_groups
 
 
 # Inputs for packed documents (data.doc_mask=true) travel with the batch as keyword arguments.
@@ -156,14 +156,10 @@ def run(cfg: PretrainConfig) -> dict:
                       progress=t.progress), batches.loader)
     t0 = time.perf_counter()
     try:
-        result = train_loop(
-            engine, train_batches, loss_fn=train_loss(cfg), start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
-            lr_fn=lambda s: lr_at(s, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                                  schedule=t.schedule, min_lr_ratio=t.min_lr_ratio),
+        result = train_with(
+            t, engine, train_batches, loss_fn=train_loss(cfg), start_step=start_step, grad_accum=accum,
             tokens_per_step=tokens_per_step, flops_per_token=flops_tok, peak_flops=peak, logger=logger,
-            log_every=t.log_every, eval_every=t.eval_every,
-            eval_fn=lambda: evaluate(engine, val_batches, causal_lm_loss),
-            save_every=t.save_every, save_fn=save, tokens_seen=tokens_seen, stop_at=t.stop_at,
+            eval_fn=lambda: evaluate(engine, val_batches, causal_lm_loss), save_fn=save, tokens_seen=tokens_seen,
         )
     finally:
         logger.close()

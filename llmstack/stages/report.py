@@ -12,7 +12,7 @@ from pathlib import Path
 # Curves worth plotting, per metric key, with the axis label they get. A stage's figure has one
 # panel per key group that its metrics.jsonl holds.
 PANELS: list[tuple[str, tuple[str, ...]]] = [
-    ("loss (nats/token)", ("loss", "val_loss")),
+    ("loss", ("loss", "val_loss")),
     ("reward", ("reward", "val_reward", "reward_mean")),
     ("KL to reference", ("kl",)),
     ("pairwise accuracy", ("accuracy", "val_accuracy")),

@@ -28,9 +28,8 @@ from llmstack.rlhf.losses import pairwise_loss
 from llmstack.stages import common
 from llmstack.stages.pretrain import ds_config_for
 from llmstack.train import checkpoint as ckpt
-from llmstack.train.loop import train_loop
+from llmstack.train.loop import train_with
 from llmstack.train.metrics import MetricsLogger
-from llmstack.train.optim import lr_at
 
 # ---------------------------------------------------------------------------------------------
 # Preference pairs: load, batch, evaluate
@@ -272,13 +271,10 @@ def run(cfg: RMConfig) -> dict:
                f"(micro {t.micro_batch} x accum {accum} x world {world}), steps {start_step}->{t.max_steps}")
     t0 = time.perf_counter()
     try:
-        result = train_loop(
-            engine, batches, loss_fn=loss_fn, start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
-            lr_fn=lambda s: lr_at(s, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                                  schedule=t.schedule, min_lr_ratio=t.min_lr_ratio),
+        result = train_with(
+            t, engine, batches, loss_fn=loss_fn, start_step=start_step, grad_accum=accum,
             tokens_per_step=int(global_batch * mean_tokens(train_pairs)), flops_per_token=0.0, peak_flops=None,
-            logger=logger, log_every=t.log_every, eval_every=t.eval_every, eval_fn=eval_fn,
-            save_every=t.save_every, save_fn=save, stop_at=t.stop_at)
+            logger=logger, eval_fn=eval_fn, save_fn=save)
     finally:
         logger.close()
     summary = {"run_dir": str(run_dir), "steps": result.step, "final_loss": result.last_loss,

@@ -40,9 +40,8 @@ from llmstack.models import lora as lora_lib
 from llmstack.stages import common
 from llmstack.stages.pretrain import ds_config_for, micro_str, model_stats
 from llmstack.train import checkpoint as ckpt
-from llmstack.train.loop import train_loop
+from llmstack.train.loop import train_with
 from llmstack.train.metrics import MetricsLogger
-from llmstack.train.optim import lr_at
 
 MODEL_INPUTS = ("position_ids", "attn_mask")
 
@@ -398,14 +397,10 @@ def run(cfg: SFTConfig) -> dict:
         logger.log({"step": start_step, "val_loss": val_before})
     t0 = time.perf_counter()
     try:
-        result = train_loop(
-            engine, batches, loss_fn=sft_loss, start_step=start_step, max_steps=t.max_steps, grad_accum=accum,
-            lr_fn=lambda k: lr_at(k, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                                  schedule=t.schedule, min_lr_ratio=t.min_lr_ratio),
+        result = train_with(
+            t, engine, batches, loss_fn=sft_loss, start_step=start_step, grad_accum=accum,
             tokens_per_step=nominal, flops_per_token=flops_tok, peak_flops=None, logger=logger,
-            log_every=t.log_every, eval_every=t.eval_every,
-            eval_fn=(lambda: evaluate_tokens(engine, val_batches)) if val_batches else None,
-            save_every=t.save_every, save_fn=save, stop_at=t.stop_at,
+            eval_fn=(lambda: evaluate_tokens(engine, val_batches)) if val_batches else None, save_fn=save,
         )
     finally:
         logger.close()

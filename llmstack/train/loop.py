@@ -16,6 +16,7 @@ import torch
 from llmstack.dist import deepspeed as ds
 from llmstack.dist import env
 from llmstack.train.metrics import MetricsLogger
+from llmstack.train.optim import lr_at
 
 
 @dataclass
@@ -104,6 +105,17 @@ def train_loop(
         if save_fn is not None and ((save_every and step % save_every == 0) or step == end):
             save_fn(step, tokens_seen)
     return LoopResult(step=step, tokens=tokens_seen, last_loss=last_loss, last_val_loss=last_val)
+
+
+def train_with(t, engine, batches: Iterator[dict], **kw) -> LoopResult:
+    """train_loop with the step count, learning-rate schedule and logging / evaluation / checkpoint
+    cadence of a stage's `train` config section; `kw` gives the rest (loss_fn, start_step, ...)."""
+    return train_loop(
+        engine, batches, max_steps=t.max_steps, stop_at=t.stop_at, log_every=t.log_every, eval_every=t.eval_every,
+        save_every=t.save_every,
+        lr_fn=lambda s: lr_at(s, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, schedule=t.schedule,
+                              min_lr_ratio=t.min_lr_ratio),
+        **kw)
 
 
 # Test hook: "RANK:STEP" makes that rank raise in that step (1-based), to test that one failing
