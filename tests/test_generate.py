@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from llmstack import models
-from llmstack.generate import apply_repetition_penalty, generate, top_k_filter, top_p_filter
+from llmstack.generate import apply_repetition_penalty, generate, sample, top_k_filter, top_p_filter
 from llmstack.models import hf
 
 V = 96
@@ -104,6 +104,18 @@ def test_sampling_is_seeded_and_respects_top_k(pair):
     greedy = generate(ours, PROMPTS, max_new_tokens=8)
     assert run(3, top_k=1) == greedy  # top-1 sampling is greedy
     assert run(4, top_p=1e-6) == greedy  # so is a vanishing nucleus
+
+
+def test_sample_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    n = 200_000
+    draws = sample(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / n
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens, the last one included, never drawn
+    # 4.5 standard errors of a binomial proportion: fails for a biased sampler, not by chance
+    assert torch.all((freq - probs.double()).abs() <= 4.5 * (probs.double() * (1 - probs.double()) / n).sqrt())
+    # unnormalised rows and one-hot rows
+    assert sample(torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])).tolist() == [2, 0]
 
 
 def test_filters_match_transformers_warpers():
