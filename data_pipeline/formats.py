@@ -253,13 +253,19 @@ def iter_chat_records(spec: str, *, on_error: str = "skip", errors: ErrorLog | N
     Bad records are counted in `errors` (on_error="skip") or raise DataError naming file:line
     and the field (on_error="fail").
     """
-    for unit, loc, pos, rec in _records_of_units(chat_units(spec)):
+    yield from parsed_records(chat_units(spec), parse_chat_record, on_error, errors)
+
+
+def parsed_records(units, parse, on_error: str, errors: ErrorLog | None) -> Iterator[tuple[str, Any]]:
+    """(where, parse(record, where)) of every usable record of `units`; bad ones counted in
+    `errors` (on_error="skip") or raised as DataError naming file:line (on_error="fail")."""
+    for unit, loc, pos, rec in _records_of_units(units):
         # a cheap position for every record; the line number (a scan of the file) only for bad ones
         where = f"{unit.path} ({loc} {pos})"
         try:
             if isinstance(rec, BadRecord):
                 raise BadRecord(rec.kind, f"{where}: {rec.detail}")
-            yield where, parse_chat_record(rec, where)
+            yield where, parse(rec, where)
         except BadRecord as e:
             detail = e.detail.removeprefix(f"{where}: ")
             if on_error == "fail":
@@ -387,27 +393,12 @@ def preference_units(spec: str) -> list:
     return chat_units(spec)
 
 
-def _iter_parsed(spec: str, parse, on_error: str, errors: ErrorLog | None):
-    for unit, loc, pos, rec in _records_of_units(preference_units(spec)):
-        where = f"{unit.path} ({loc} {pos})"
-        try:
-            if isinstance(rec, BadRecord):
-                raise BadRecord(rec.kind, f"{where}: {rec.detail}")
-            yield where, parse(rec, where)
-        except BadRecord as e:
-            detail = e.detail.removeprefix(f"{where}: ")
-            if on_error == "fail":
-                raise DataError(f"{location(unit.path, loc, pos)}: {detail}") from None
-            if errors is not None:
-                errors.add(unit.path, loc, pos, e.kind, detail)
-
-
 def iter_preference_records(spec: str, *, on_error: str = "skip", errors: ErrorLog | None = None):
     """(where, (prompt messages, chosen, rejected)) of every usable pair of a source, in order;
     bad records counted in `errors` (skip) or a DataError naming file:line (fail)."""
-    return _iter_parsed(spec, parse_preference_record, on_error, errors)
+    yield from parsed_records(preference_units(spec), parse_preference_record, on_error, errors)
 
 
 def iter_prompt_records(spec: str, *, on_error: str = "skip", errors: ErrorLog | None = None):
     """(where, prompt messages) of every usable PPO prompt record of a source, in order."""
-    return _iter_parsed(spec, parse_prompt_record, on_error, errors)
+    yield from parsed_records(preference_units(spec), parse_prompt_record, on_error, errors)
