@@ -160,12 +160,18 @@ def _ensure_cache() -> Path:
     if path.exists():
         return path
     docs = _extract_all(stdlib_dir)
+    return write_jsonl_atomic(path, docs)
+
+
+def write_jsonl_atomic(path: Path, rows) -> Path:
+    """Write `rows` as JSONL to a temp file beside `path`, then rename it into place: a reader (or a
+    concurrent writer) sees the old file or the whole new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared between users
@@ -286,19 +292,7 @@ def ensure_sft_cache() -> Path:
     pairs = [p for module, file in _module_files(stdlib_dir)
              if not any(part.startswith("_") for part in module.split("."))
              for p in _module_pairs(module, file)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in pairs:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_jsonl_atomic(path, pairs)
 
 
 def builtin_sft_pairs(split: str = "train") -> Iterator[dict]:
