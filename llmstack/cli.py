@@ -10,8 +10,12 @@ import argparse
 import os
 import re
 import sys
+import time
 
 from llmstack.errors import UsageError
+
+# seconds a rank that failed for another reason waits before exiting (see main)
+_PEER_EXIT_GRACE_S = 3.0
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
 
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
     qs.add_argument("--scale", type=float, default=1.0,
                     help="multiply every later stage's steps by this (0 < F <= 1; a smoke run of the wiring)")
+    qs.add_argument("--pretrain-only", action="store_true",
+                    help="stop after the tokenizer and pretraining (about 2 minutes on 2 CPU cores)")
     return parser
 
 
@@ -217,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error: rank {os.environ.get('RANK')} on host {socket.gethostname()} failed: "
               f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        # exit at once: a normal exit would wait in process-group teardown for peers that are
-        # themselves waiting for this rank; the launcher then stops the others.
+        # Exit without process-group teardown (it would wait for peers that are themselves
+        # waiting for this rank); the launcher then stops the others. Wait a little first: when a
+        # peer stopped with exit 2 (bad input it alone met), this rank's error is only the lost
+        # connection, and the deepspeed launcher reports the first failed status it polls
+        # (once a second), which should be that peer's 2.
+        time.sleep(_PEER_EXIT_GRACE_S)
         os._exit(1)
 
 
@@ -325,7 +335,7 @@ def _dispatch(args) -> int:
     if args.command == "quickstart":
         from llmstack.stages import quickstart
 
-        quickstart.run(out=args.out, steps=args.steps, scale=args.scale)
+        quickstart.run(out=args.out, steps=args.steps, scale=args.scale, pretrain_only=args.pretrain_only)
         return 0
     raise AssertionError(args.command)
 

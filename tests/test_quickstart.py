@@ -59,3 +59,16 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{name}.png)" in text
+
+
+def test_pretrain_only_stops_after_pretraining(tmp_path):
+    out = tmp_path / "qs"
+    run_cmd([str(BIN / "llmstack"), "quickstart", "--out", str(out), "--steps", "20", "--pretrain-only"],
+            cwd=tmp_path, env=child_env(OMP_NUM_THREADS=2), timeout=600)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == {"pretrain"}
+    assert (out / "pretrain" / "checkpoints" / "latest").exists()
+    assert not any((out / name).exists() for name in ("sft", "rm", "ppo", "dpo", "eval"))
+    text = (out / "report.md").read_text()
+    assert "| pretrain |" in text and "| sft |" not in text
+    assert (out / "plots" / "pretrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,6 +13,7 @@ demo config (configs/<stage>/) a user runs by hand, chained through checkpoints:
 Writes OUT/report.md (a table of every stage's metrics, PNG curves under OUT/plots/ made from
 each run's metrics.jsonl) and OUT/report.json. Starts fresh every time. `--scale` shrinks every
 stage's step count (a smoke run of the wiring); the default is the demo as documented.
+`--pretrain-only` stops after the tokenizer and pretraining (about 2 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def task_metric(results: dict, task: str, metric: str):
     return value.get("value") if isinstance(value, dict) else value
 
 
-def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0) -> dict:
+def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pretrain_only: bool = False) -> dict:
     if env.world_size() > 1:
         raise UsageError("the quickstart runs in one process: start it without a launcher")
     if not 0 < scale <= 1:
@@ -116,6 +117,19 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0) -> d
     counts = token_counts(common.source_texts(cfg.data.val_sources), tokenizer)  # each document + its EOS
     pre["val_unigram_entropy"], pre["val_tokens"] = entropy_of_counts(counts), int(counts.sum())
     pre_ckpt = str(out_dir / "pretrain" / "checkpoints" / "latest")
+    pre_row = {"name": "pretrain", "run_dir": cfg.run.path, "metrics": {
+        "validation loss (nats/token)": pre["final_val_loss"],
+        "unigram entropy of validation corpus (nats/token)": pre["val_unigram_entropy"],
+        "tokens trained": pre["tokens"], "seconds": seconds["pretrain"]}}
+    intro = [
+        f"Tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens (hash {tokenizer.hash}) at `{cfg.tokenizer.path}`.",
+        f"Model: gpt2-tiny, pretrained {steps} steps"
+        + ("." if pretrain_only else "; every later stage uses the demo config under `configs/`"
+           + ("" if scale == 1.0 else f" with its steps scaled by {scale}") + "."),
+    ]
+    if pretrain_only:
+        report["seconds"] = {**seconds, "total": round(time.perf_counter() - t_start, 1)}
+        return _finish(out_dir, report, intro, [pre_row])
 
     banner("2/6 supervised fine-tuning")
     sft_cfg = demo_config(SFTConfig, "sft", "gpt-tiny-demo.yaml",
@@ -153,10 +167,7 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0) -> d
 
     ppl_task = EVAL_TASKS[0]
     stages = [
-        {"name": "pretrain", "run_dir": cfg.run.path, "metrics": {
-            "validation loss (nats/token)": pre["final_val_loss"],
-            "unigram entropy of validation corpus (nats/token)": pre["val_unigram_entropy"],
-            "tokens trained": pre["tokens"], "seconds": seconds["pretrain"]}},
+        pre_row,
         {"name": "sft", "run_dir": sft_cfg.run.path, "metrics": {
             "response loss before -> after (nats/token)": f"{sft['val_loss_before']:.4f} -> {sft['val_loss_after']:.4f}",
             "supervised tokens": sft["supervised_tokens"], "skipped records": sft["skipped_records"],
@@ -180,12 +191,11 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0) -> d
                f"{task_metric(r, 'demo_mc', 'acc_norm'):.3f}" for name, r in evals.items()},
             "seconds": seconds["eval"]}},
     ]
-    intro = [
-        f"Tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens (hash {tokenizer.hash}) at `{cfg.tokenizer.path}`.",
-        f"Model: gpt2-tiny, pretrained {steps} steps; every later stage uses the demo config under `configs/`"
-        + ("" if scale == 1.0 else f" with its steps scaled by {scale}") + ".",
-        f"Wall time: {report['seconds']['total']} s in total.",
-    ]
+    return _finish(out_dir, report, intro, stages)
+
+
+def _finish(out_dir: Path, report: dict, intro: list[str], stages: list[dict]) -> dict:
+    intro = [*intro, f"Wall time: {report['seconds']['total']} s in total."]
     path = write_report(out_dir, "llmstack quickstart", intro, stages)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(path.read_text())
