@@ -8,7 +8,7 @@ tokenization. Memory is one read buffer per open unit, whatever the corpus size.
 
 Spec forms:
 - ``builtin`` / ``builtin:train`` / ``builtin:validation``: the stdlib corpus (builtin.py).
-- a file or a glob (sorted) of ``.txt`` (the whole file is one document), ``.jsonl``,
+- a file or a glob (sorted) of ``.txt`` (the whole file is one document, read in pieces), ``.jsonl``,
   ``.jsonl.gz``, ``.jsonl.zst`` (field ``text_field`` of each line), ``.parquet`` (column
   ``text_field``).
 - a directory written by ``llmstack data prepare`` (token shards, see shards.py).
@@ -19,7 +19,9 @@ Spec forms:
 Two kinds of unit, by whether a reader can jump to a position:
 - seekable (plain .jsonl/.txt by byte offset, builtin, save_to_disk datasets by row, shards by
   document): the stream layer gives every stream its own contiguous region and each stream seeks
-  straight to it, so nothing is read twice and resuming is a seek.
+  straight to it, so nothing is read twice and resuming is a seek. A ``whole`` unit (.txt) is one
+  document: the stream whose region holds byte 0 reads all of it, as :class:`Piece` records of
+  about PIECE_BYTES, so neither memory nor a resume depends on the file's size.
 - sequential (.jsonl.gz, .jsonl.zst, .parquet, HF streaming): readable only front to back, so
   records are dealt round-robin to streams by line/row index and each loader worker reads the
   unit once, decoding only the records its streams own. Resuming skips lines without decoding.
@@ -49,6 +51,7 @@ from data_pipeline.errors import (  # noqa: F401 (re-exported: the data layer's 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _GLOB_CHARS = set("*?[")
 _CHUNK = 1 << 20
+PIECE_BYTES = 1 << 20  # a .txt document is read, decoded and tokenized this much at a time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +85,17 @@ def text_of(record: Any, text_field: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Piece:
+    """Part of a document that is read in pieces (a .txt file). ``head``: it opens the document
+    (BOS goes before it); ``tail``: it closes it (EOS goes after it). Every such document ends
+    with an empty tail piece, so a skipped bad piece never joins two documents."""
+
+    text: str
+    head: bool
+    tail: bool
+
+
 # Units
 
 
@@ -94,6 +108,7 @@ class Unit:
     size: int = 0  # seekable units: positions run over [0, size)
 
     seekable = True
+    whole = False  # one document read in pieces (see the module docstring)
     loc = "byte"
 
     def records(self, start: int = 0, end: int | None = None, first: bool = True) -> Iterator[tuple[int, Any]]:
@@ -135,23 +150,78 @@ def _split_lines(chunks: Iterator[bytes], start_pos: int, by_line: bool) -> Iter
         yield pos, buf
 
 
+def _piece_cut(buf: bytes) -> int:
+    """Where to end a piece of a full read buffer: after the last newline (in its second half)
+    followed by a printable ASCII byte; a byte-level BPE pre-tokenizer always splits there (a
+    pre-token holding a newline is all whitespace), so the pieces tokenize as the whole text
+    does. Else after the last newline, else at the last UTF-8 character start."""
+    n, j = len(buf), len(buf) - 1
+    while (j := buf.rfind(b"\n", n // 2, j)) >= 0:
+        if 0x21 <= buf[j + 1] <= 0x7E:
+            return j + 1
+    j = buf.rfind(b"\n", 0, n - 1)
+    if j >= 0:
+        return j + 1
+    for i in range(n - 1, max(n - 5, 0), -1):
+        if buf[i] & 0xC0 != 0x80:
+            return i
+    return n
+
+
+@dataclass
+class TextFile(Unit):
+    """A .txt file: one document, read as :class:`Piece` records at byte offsets (pieces of about
+    PIECE_BYTES, see :func:`_piece_cut`), then an empty tail piece at position ``size``. Each
+    piece is cut from a buffer read from its own start, so the cuts do not depend on where a
+    reader started: a resume seeks to its piece."""
+
+    whole = True
+
+    def records(self, start=0, end=None, first=True):
+        pos, held = start, []  # leading whitespace-only pieces wait until the file shows text
+        found = start > 0
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                buf = f.read(PIECE_BYTES)
+                while buf:
+                    cut = _piece_cut(buf) if len(buf) == PIECE_BYTES else len(buf)
+                    piece, buf = buf[:cut], buf[cut:]
+                    buf += f.read(PIECE_BYTES - len(buf))
+                    if found or piece.strip():
+                        found = True
+                        yield from held
+                        held.clear()
+                        yield pos, (pos, piece)
+                    else:
+                        held.append((pos, (pos, piece)))
+                    pos += cut
+        except OSError as e:
+            raise FileFault("unreadable", pos, f"cannot read: {e.strerror or e}") from None
+        if found:
+            yield self.size, (self.size, None)
+        elif start == 0:
+            raise FileFault("empty_file", 0, "file has no text")
+
+    def decode(self, raw):
+        pos, data = raw
+        if data is None:
+            return Piece("", head=False, tail=True)
+        try:
+            return Piece(data.decode("utf-8"), head=pos == 0, tail=False)
+        except UnicodeDecodeError as e:
+            raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {pos + e.start}") from None
+
+
 @dataclass
 class PlainFile(Unit):
-    """Uncompressed .jsonl (one record per line) or .txt (the whole file is one record)."""
-
-    kind: str = "jsonl"
+    """Uncompressed .jsonl (one record per line)."""
 
     def records(self, start=0, end=None, first=True):
         end = self.size if end is None else min(end, self.size)
         found = False
         try:
-            if self.kind == "txt":
-                if start == 0 and end > 0:
-                    data = Path(self.path).read_bytes()
-                    if data.strip():
-                        found = True
-                        yield 0, data
-            elif start < end:
+            if start < end:
                 with open(self.path, "rb") as f:
                     if start > 0:  # a line that began in the previous region belongs to it
                         f.seek(start - 1)
@@ -181,11 +251,6 @@ class PlainFile(Unit):
         return False
 
     def decode(self, raw):
-        if self.kind == "txt":
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
         return decode_json_line(raw, self.text_field)
 
 
@@ -380,9 +445,9 @@ class Source:
 def _file_unit(path: str, text_field: str) -> Unit:
     size = os.path.getsize(path)
     if path.endswith(".txt"):
-        return PlainFile(path, text_field, size, kind="txt")
+        return TextFile(path, text_field, size)
     if path.endswith(".jsonl"):
-        return PlainFile(path, text_field, size, kind="jsonl")
+        return PlainFile(path, text_field, size)
     if path.endswith((".jsonl.gz", ".jsonl.zst")):
         return CompressedFile(path, text_field, size)
     if path.endswith(".parquet"):
@@ -429,7 +494,7 @@ def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
         split = path.partition(":")[2] or "train"
         builtin.check_split(split)
         cache = str(builtin.ensure_cache())
-        units: list[Unit] = [BuiltinFile(cache, "text", os.path.getsize(cache), kind="jsonl", split=split)]
+        units: list[Unit] = [BuiltinFile(cache, "text", os.path.getsize(cache), split=split)]
     elif path.startswith("hf:"):
         units = _hf_units(path[3:], text_field)
     elif os.path.isdir(path):
@@ -451,13 +516,17 @@ def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
     return Source(path, weight, text_field, units)
 
 
-def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | None = None) -> Iterator[Any]:
+def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | None = None,
+                   pieces: bool = False) -> Iterator[Any]:
     """Every document of a source in unit order (text, or token ids for shards), one pass.
 
+    A document read in pieces (.txt) comes whole, its pieces joined; with ``pieces=True`` as the
+    texts of its pieces instead (memory stays one piece; for tokenizer training).
     Bad input is counted in ``errors``; with on_error="fail" it raises DataError naming the file
     and line instead (an empty text is always just counted).
     """
     for unit in source.units:
+        parts: list[str] = []
         try:
             for pos, raw in unit.records(0):
                 try:
@@ -468,7 +537,16 @@ def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | No
                     if errors is not None:
                         errors.add(unit.path, unit.loc, pos, e.kind, e.detail)
                     continue
-                if doc is not None:
+                if isinstance(doc, Piece):
+                    if pieces:
+                        if doc.text:
+                            yield doc.text
+                        continue
+                    parts.append(doc.text)
+                    if doc.tail:
+                        yield "".join(parts)
+                        parts = []
+                elif doc is not None:
                     yield doc
         except FileFault as e:
             if on_error == "fail":
@@ -477,11 +555,12 @@ def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | No
                 errors.add(unit.path, unit.loc, e.pos, e.kind, e.detail)
 
 
-def iter_texts(path: str, text_field: str = "text") -> Iterator[str]:
+def iter_texts(path: str, text_field: str = "text", pieces: bool = False) -> Iterator[str]:
     """Stream document texts of a source spec, stopping with DataError at the first bad record.
 
-    Used where the whole text is wanted once (tokenizer training, perplexity). Raises
-    FileNotFoundError for a missing file or a glob matching nothing, ValueError for a bad spec.
+    Used where the whole text is wanted once (tokenizer training, with ``pieces=True``, and
+    perplexity). Raises FileNotFoundError for a missing file or a glob matching nothing,
+    ValueError for a bad spec.
     """
     source = resolve_source(path, text_field)
-    return iter_documents(source, on_error="fail")
+    return iter_documents(source, on_error="fail", pieces=pieces)
