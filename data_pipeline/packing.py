@@ -6,9 +6,8 @@ process and is shared by the streams it serves:
 
 - ``stream_docs`` walks one source for one stream: epoch after epoch, units in the epoch's
   seeded order, and in each unit the stream's share: a contiguous region of a seekable unit
-  (region j of V goes to stream (j + rotation) % V; a whole-document unit goes to the stream
-  whose region holds its byte 0), or the records of a sequential unit whose index i has
-  (i + rotation) % V == stream. The rotation is drawn per (epoch, unit), so a small
+  (region j of V goes to stream (j + rotation) % V), or the records of a sequential unit whose
+  index i has (i + rotation) % V == stream. The rotation is drawn per (epoch, unit), so a small
   unit does not always feed the same few streams and every stream meets every document sooner or
   later when the data repeats.
 - ``DealtReader`` reads a sequential unit once for all streams of this process and queues each
@@ -16,8 +15,7 @@ process and is shared by the streams it serves:
   the queues hold the records between the slowest and fastest stream of the process.
 - ``Packer`` holds one stream's tokenized documents of one source and emits windows: window n
   covers tokens [n*T, n*T + T + 1) of the stream's token sequence (documents each followed by
-  EOS, BOS first if asked; a document read in pieces gets BOS before its first piece and EOS
-  after its last). Consecutive windows overlap by one token, so inputs (first T) and
+  EOS, BOS first if asked). Consecutive windows overlap by one token, so inputs (first T) and
   targets (last T) each cover every token exactly once. Its cursor (document position + token
   offset of the first token not yet used as input) is all that is needed to resume: the
   document there is re-read and re-tokenized, nothing before it.
@@ -33,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipeline.sources import BadRecord, DataError, ErrorLog, FileFault, Piece, Source, location
+from data_pipeline.sources import BadRecord, DataError, ErrorLog, FileFault, Source, location
 
 _END = object()  # queue marker: the unit ended for this stream
 MIN_BATCH_CHARS = 1 << 19  # text per encode_batch call, enough to spread over the tokenizer's threads
@@ -48,8 +46,6 @@ class Doc:
     pos: int
     text: str | None = None
     ids: Any = None  # np.int32 tokens with BOS/EOS once tokenized
-    head: bool = True  # opens its document (False: a later piece of a .txt document)
-    tail: bool = True  # closes its document
 
 
 class Context:
@@ -130,21 +126,19 @@ class Context:
             chars = tokens = 0
             for d, ids in zip(docs, encoded):
                 chars, tokens = chars + len(d.text), tokens + len(ids) + 1
-                d.ids, d.text = self._wrap(ids, d.head, d.tail), None
+                d.ids, d.text = self._wrap(ids), None
             self.chars_per_token = 0.8 * self.chars_per_token + 0.2 * chars / max(tokens, 1)
         for p in group:
             p.commit()
 
-    def _wrap(self, ids, head: bool = True, tail: bool = True) -> np.ndarray:
-        """Token ids of a document body (or piece) -> int32 array with BOS (optional, before a
-        document's first piece) and EOS (after its last)."""
-        n, b = len(ids), int(self.bos and head)
-        out = np.empty(n + b + tail, dtype=np.int32)
-        if b:
+    def _wrap(self, ids) -> np.ndarray:
+        """Token ids of a document body -> int32 array with BOS (optional) and EOS."""
+        n = len(ids)
+        out = np.empty(n + 1 + self.bos, dtype=np.int32)
+        if self.bos:
             out[0] = self.tok.bos_id
-        out[b:b + n] = ids
-        if tail:
-            out[-1] = self.tok.eos_id
+        out[self.bos:self.bos + n] = ids
+        out[-1] = self.tok.eos_id
         return out
 
 
@@ -157,11 +151,7 @@ def stream_docs(ctx: Context, s: int, i: int, e: int, f: int, pos: int) -> Itera
         for fi in range(f, len(order)):
             unit = src.units[int(order[fi])]
             start = pos if fi == f else 0
-            if unit.whole:  # one document: the stream whose region holds byte 0 reads it all
-                j = (s - int(rot[fi])) % V
-                owner = (j * unit.size // V == 0 < (j + 1) * unit.size // V) or (unit.size == 0 and j == 0)
-                records = unit.records(start) if owner else iter(())
-            elif unit.seekable:
+            if unit.seekable:
                 j = (s - int(rot[fi])) % V
                 a, b = j * unit.size // V, (j + 1) * unit.size // V
                 records = unit.records(max(a, start), b, first=j == 0)
@@ -182,8 +172,6 @@ def stream_docs(ctx: Context, s: int, i: int, e: int, f: int, pos: int) -> Itera
                     found = True
                     if isinstance(doc, str):
                         yield Doc(e, fi, p, text=doc)
-                    elif isinstance(doc, Piece):
-                        yield Doc(e, fi, p, text=doc.text, head=doc.head, tail=doc.tail)
                     else:  # shards: token ids already
                         yield Doc(e, fi, p, ids=ctx._wrap(doc))
             except FileFault as err:
@@ -343,12 +331,11 @@ class Packer:
             self.ctx.fill(self, T + 1)
         out = np.empty(T + 1, dtype=np.int32)
         seg = np.empty(T + 1, dtype=np.int32) if want_seg else None
-        n = k = 0  # k: segment (document) index within the window; pieces share their document's
-        for i, (d, off) in enumerate(self.buf):
+        n = 0
+        for k, (d, off) in enumerate(self.buf):
             m = min(len(d.ids) - off, T + 1 - n)
             out[n:n + m] = d.ids[off:off + m]
             if want_seg:
-                k += i > 0 and self.buf[i - 1][0].tail
                 seg[n:n + m] = k
             n += m
             if n == T + 1:

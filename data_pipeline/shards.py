@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from data_pipeline.sources import BadRecord, DataError, ErrorLog, FileFault, Piece, Source, Unit, location
+from data_pipeline.sources import BadRecord, DataError, ErrorLog, FileFault, Source, Unit, location
 
 MAGIC = b"LLMSHRD\0"
 VERSION = 1
@@ -66,21 +66,15 @@ class ShardWriter:
         self.file = open(self.tmp, "wb")
         self.file.write(b"\0" * HEADER_BYTES)  # real header written last, when counts are known
         self.offsets = [0]
-        self.n_tokens = 0
 
-    def add(self, ids, end: bool = True) -> None:
-        """Append tokens; ``end=False``: the document goes on in the next call (a piece)."""
+    def add(self, ids) -> None:
         arr = np.asarray(ids)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise ValueError(f"token id out of range for vocab_size {self.vocab_size}")
         self.file.write(arr.astype(self.dtype, copy=False).tobytes())
-        self.n_tokens += arr.size
-        if end:
-            self.offsets.append(self.n_tokens)
+        self.offsets.append(self.offsets[-1] + arr.size)
 
     def close(self) -> dict:
-        if self.n_tokens != self.offsets[-1]:  # a document whose closing piece never came
-            self.offsets.append(self.n_tokens)
         n_tokens, n_docs = self.offsets[-1], len(self.offsets) - 1
         pad = _index_offset(n_tokens, self.dtype.itemsize) - (HEADER_BYTES + n_tokens * self.dtype.itemsize)
         self.file.write(b"\0" * pad)
@@ -212,18 +206,16 @@ class _Job:
 
 def _records(sources: list[Source]) -> Iterator[tuple[int, int, Unit, int, Any]]:
     """(global record number, source index, unit, position, raw) over all sources in order;
-    a FileFault is yielded in place of a raw record (it takes no record number). The pieces of
-    a whole-document unit (.txt) share one record number: one shard, one document."""
+    a FileFault is yielded in place of a raw record (it takes no record number)."""
     n = 0
     for si, src in enumerate(sources):
         for unit in src.units:
             try:
                 for pos, raw in unit.records(0):
                     yield n, si, unit, pos, raw
-                    n += not unit.whole
+                    n += 1
             except FileFault as e:
                 yield n, si, unit, e.pos, e
-            n += unit.whole
 
 
 def _prepare_worker(job: _Job, progress=None) -> dict:
@@ -238,9 +230,9 @@ def _prepare_worker(job: _Job, progress=None) -> dict:
 
     def flush():
         n = 0
-        for (si, text, tail), ids in zip(batch, tok.encode_batch([t for _, t, _ in batch])):
-            writer.add(ids, end=tail)
-            per_source[si]["docs"] += tail
+        for (si, text), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
+            writer.add(ids)
+            per_source[si]["docs"] += 1
             per_source[si]["tokens"] += len(ids)
             n += len(ids)
         if progress is not None:
@@ -271,9 +263,9 @@ def _prepare_worker(job: _Job, progress=None) -> dict:
             current = k
         if doc is None:
             continue
-        if isinstance(doc, (str, Piece)):
-            batch.append((si, doc, True) if isinstance(doc, str) else (si, doc.text, doc.tail))
-            if len(batch) >= 256 or isinstance(doc, Piece):  # pieces are large: one per call
+        if isinstance(doc, str):
+            batch.append((si, doc))
+            if len(batch) >= 256:
                 flush()
         else:  # a shard source re-prepared: already token ids, kept in order
             flush()

@@ -8,7 +8,8 @@ tokenization. Memory is one read buffer per open unit, whatever the corpus size.
 
 Spec forms:
 - ``builtin`` / ``builtin:train`` / ``builtin:validation``: the stdlib corpus (builtin.py).
-- a file or a glob (sorted) of ``.txt`` (the whole file is one document, read in pieces), ``.jsonl``,
+- a file or a glob (sorted) of ``.txt`` (one document per file; a file over 2 * PART_BYTES is split
+  at line starts into documents of 1-2 PART_BYTES, see :class:`TextFile`), ``.jsonl``,
   ``.jsonl.gz``, ``.jsonl.zst`` (field ``text_field`` of each line), ``.parquet`` (column
   ``text_field``).
 - a directory written by ``llmstack data prepare`` (token shards, see shards.py).
@@ -17,11 +18,9 @@ Spec forms:
   ``save_to_disk``.
 
 Two kinds of unit, by whether a reader can jump to a position:
-- seekable (plain .jsonl/.txt by byte offset, builtin, save_to_disk datasets by row, shards by
+- seekable (plain .jsonl/.txt by byte offset (lines / parts), builtin, save_to_disk datasets by row, shards by
   document): the stream layer gives every stream its own contiguous region and each stream seeks
-  straight to it, so nothing is read twice and resuming is a seek. A ``whole`` unit (.txt) is one
-  document: the stream whose region holds byte 0 reads all of it, as :class:`Piece` records of
-  about PIECE_BYTES, so neither memory nor a resume depends on the file's size.
+  straight to it, so nothing is read twice and resuming is a seek.
 - sequential (.jsonl.gz, .jsonl.zst, .parquet, HF streaming): readable only front to back, so
   records are dealt round-robin to streams by line/row index and each loader worker reads the
   unit once, decoding only the records its streams own. Resuming skips lines without decoding.
@@ -51,7 +50,7 @@ from data_pipeline.errors import (  # noqa: F401 (re-exported: the data layer's 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _GLOB_CHARS = set("*?[")
 _CHUNK = 1 << 20
-PIECE_BYTES = 1 << 20  # a .txt document is read, decoded and tokenized this much at a time
+PART_BYTES = 1 << 18  # a .txt file is one document up to twice this size, else parts of 1-2x this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,17 +84,6 @@ def text_of(record: Any, text_field: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Piece:
-    """Part of a document that is read in pieces (a .txt file). ``head``: it opens the document
-    (BOS goes before it); ``tail``: it closes it (EOS goes after it). Every such document ends
-    with an empty tail piece, so a skipped bad piece never joins two documents."""
-
-    text: str
-    head: bool
-    tail: bool
-
-
 # Units
 
 
@@ -108,7 +96,6 @@ class Unit:
     size: int = 0  # seekable units: positions run over [0, size)
 
     seekable = True
-    whole = False  # one document read in pieces (see the module docstring)
     loc = "byte"
 
     def records(self, start: int = 0, end: int | None = None, first: bool = True) -> Iterator[tuple[int, Any]]:
@@ -150,67 +137,73 @@ def _split_lines(chunks: Iterator[bytes], start_pos: int, by_line: bool) -> Iter
         yield pos, buf
 
 
-def _piece_cut(buf: bytes) -> int:
-    """Where to end a piece of a full read buffer: after the last newline (in its second half)
-    followed by a printable ASCII byte; a byte-level BPE pre-tokenizer always splits there (a
-    pre-token holding a newline is all whitespace), so the pieces tokenize as the whole text
-    does. Else after the last newline, else at the last UTF-8 character start."""
-    n, j = len(buf), len(buf) - 1
-    while (j := buf.rfind(b"\n", n // 2, j)) >= 0:
-        if 0x21 <= buf[j + 1] <= 0x7E:
-            return j + 1
-    j = buf.rfind(b"\n", 0, n - 1)
-    if j >= 0:
-        return j + 1
-    for i in range(n - 1, max(n - 5, 0), -1):
-        if buf[i] & 0xC0 != 0x80:
-            return i
-    return n
-
-
 @dataclass
 class TextFile(Unit):
-    """A .txt file: one document, read as :class:`Piece` records at byte offsets (pieces of about
-    PIECE_BYTES, see :func:`_piece_cut`), then an empty tail piece at position ``size``. Each
-    piece is cut from a buffer read from its own start, so the cuts do not depend on where a
-    reader started: a resume seeks to its piece."""
+    """A .txt file. Up to 2 * PART_BYTES it is one document; a larger file is R = size //
+    PART_BYTES documents (parts): part k starts at the first line start at or after byte
+    k * size // R. A part belongs to the region it starts in, like a .jsonl line, so a big file
+    spreads over the streams (one document per file would give it whole to one stream per
+    epoch, and every stream would walk the same text), memory is one part, and a resume re-reads
+    at most one part. The cuts depend only on the file's bytes."""
 
-    whole = True
+    def _parts(self) -> int:
+        return max(1, self.size // PART_BYTES)
+
+    def _start_of(self, f, k: int) -> int:
+        """Byte where part k starts: the first line start at or after k * size // R (a file
+        with no newline within PART_BYTES of that point is cut at a UTF-8 character start)."""
+        x = k * self.size // self._parts()
+        if x <= 0 or x >= self.size:
+            return max(0, min(x, self.size))
+        f.seek(x - 1)
+        buf = f.read(PART_BYTES + 1)
+        i = buf.find(b"\n")
+        if i >= 0:
+            return x + i
+        i = 1
+        while i < min(len(buf), 5) and buf[i] & 0xC0 == 0x80:
+            i += 1
+        return x - 1 + i
 
     def records(self, start=0, end=None, first=True):
-        pos, held = start, []  # leading whitespace-only pieces wait until the file shows text
-        found = start > 0
+        end = self.size if end is None else min(end, self.size)
+        found, R = False, self._parts()
         try:
             with open(self.path, "rb") as f:
-                f.seek(start)
-                buf = f.read(PIECE_BYTES)
-                while buf:
-                    cut = _piece_cut(buf) if len(buf) == PIECE_BYTES else len(buf)
-                    piece, buf = buf[:cut], buf[cut:]
-                    buf += f.read(PIECE_BYTES - len(buf))
-                    if found or piece.strip():
-                        found = True
-                        yield from held
-                        held.clear()
-                        yield pos, (pos, piece)
-                    else:
-                        held.append((pos, (pos, piece)))
-                    pos += cut
+                k = max(0, min(R, start * R // max(self.size, 1)) - 1)
+                a = self._start_of(f, k)
+                while k < R and a < start:  # the first part that starts at or after `start`
+                    k, a = k + 1, self._start_of(f, k + 1)
+                while k < R and a < end:
+                    b = self._start_of(f, k + 1)
+                    if b > a:
+                        f.seek(a)
+                        data = f.read(b - a)
+                        if R > 1 or data.strip():  # a blank part is counted (empty_text); a blank file is empty_file
+                            found = True
+                            yield a, (a, data)
+                    k, a = k + 1, b
         except OSError as e:
-            raise FileFault("unreadable", pos, f"cannot read: {e.strerror or e}") from None
-        if found:
-            yield self.size, (self.size, None)
-        elif start == 0:
+            raise FileFault("unreadable", start, f"cannot read: {e.strerror or e}") from None
+        if first and not found and start == 0 and not _has_text(self.path):
             raise FileFault("empty_file", 0, "file has no text")
 
     def decode(self, raw):
         pos, data = raw
-        if data is None:
-            return Piece("", head=False, tail=True)
+        if not data.strip():
+            raise BadRecord("empty_text", "only whitespace")
         try:
-            return Piece(data.decode("utf-8"), head=pos == 0, tail=False)
+            return data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {pos + e.start}") from None
+
+
+def _has_text(path: str) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            if chunk.strip():
+                return True
+    return False
 
 
 @dataclass
@@ -240,15 +233,8 @@ class PlainFile(Unit):
                         yield pos, line
         except OSError as e:
             raise FileFault("unreadable", start, f"cannot read: {e.strerror or e}") from None
-        if first and not found and start == 0 and not self._has_text():
+        if first and not found and start == 0 and not _has_text(self.path):
             raise FileFault("empty_file", 0, "file has no records")
-
-    def _has_text(self) -> bool:
-        with open(self.path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                if chunk.strip():
-                    return True
-        return False
 
     def decode(self, raw):
         return decode_json_line(raw, self.text_field)
@@ -516,17 +502,13 @@ def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
     return Source(path, weight, text_field, units)
 
 
-def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | None = None,
-                   pieces: bool = False) -> Iterator[Any]:
+def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | None = None) -> Iterator[Any]:
     """Every document of a source in unit order (text, or token ids for shards), one pass.
 
-    A document read in pieces (.txt) comes whole, its pieces joined; with ``pieces=True`` as the
-    texts of its pieces instead (memory stays one piece; for tokenizer training).
     Bad input is counted in ``errors``; with on_error="fail" it raises DataError naming the file
     and line instead (an empty text is always just counted).
     """
     for unit in source.units:
-        parts: list[str] = []
         try:
             for pos, raw in unit.records(0):
                 try:
@@ -537,16 +519,7 @@ def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | No
                     if errors is not None:
                         errors.add(unit.path, unit.loc, pos, e.kind, e.detail)
                     continue
-                if isinstance(doc, Piece):
-                    if pieces:
-                        if doc.text:
-                            yield doc.text
-                        continue
-                    parts.append(doc.text)
-                    if doc.tail:
-                        yield "".join(parts)
-                        parts = []
-                elif doc is not None:
+                if doc is not None:
                     yield doc
         except FileFault as e:
             if on_error == "fail":
@@ -555,12 +528,11 @@ def iter_documents(source: Source, on_error: str = "fail", errors: ErrorLog | No
                 errors.add(unit.path, unit.loc, e.pos, e.kind, e.detail)
 
 
-def iter_texts(path: str, text_field: str = "text", pieces: bool = False) -> Iterator[str]:
+def iter_texts(path: str, text_field: str = "text") -> Iterator[str]:
     """Stream document texts of a source spec, stopping with DataError at the first bad record.
 
-    Used where the whole text is wanted once (tokenizer training, with ``pieces=True``, and
-    perplexity). Raises FileNotFoundError for a missing file or a glob matching nothing,
-    ValueError for a bad spec.
+    Used where the whole text is wanted once (tokenizer training, perplexity). Raises
+    FileNotFoundError for a missing file or a glob matching nothing, ValueError for a bad spec.
     """
     source = resolve_source(path, text_field)
-    return iter_documents(source, on_error="fail", pieces=pieces)
+    return iter_documents(source, on_error="fail")

@@ -24,12 +24,11 @@ from llmstack import models
 from llmstack.train import checkpoint as ckpt
 
 
-def source_texts(sources: list[SourceConfig], pieces: bool = False):
-    """Texts of every source, in order (one pass, streamed; ``pieces``: a .txt document as its
-    pieces, see data_pipeline.sources.iter_documents)."""
+def source_texts(sources: list[SourceConfig]):
+    """Texts of every source, in order (one pass, streamed)."""
     for src in sources:
         try:
-            yield from data_sources.iter_texts(src.path, text_field=src.text_field, pieces=pieces)
+            yield from data_sources.iter_texts(src.path, text_field=src.text_field)
         except FileNotFoundError as e:
             raise UsageError(f"data source not found: {e}") from None
         except ValueError as e:
@@ -43,7 +42,7 @@ def train_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
     env.print0(f"training {tok.kind} tokenizer (vocab {tok.vocab_size}) on {', '.join(s.path for s in srcs)} -> {tok.path}")
     try:
         out = tokenization.train_tokenizer(
-            source_texts(srcs, pieces=True), tok.path, kind=tok.kind, vocab_size=tok.vocab_size,
+            source_texts(srcs), tok.path, kind=tok.kind, vocab_size=tok.vocab_size,
             min_frequency=tok.min_frequency, num_sentinels=tok.num_sentinels, max_chars=tok.max_chars,
         )
     except ValueError as e:
