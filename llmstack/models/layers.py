@@ -165,8 +165,10 @@ def attention(
     position bias, with -inf-like values where attention is not allowed), or None; with a mask,
     `causal` must already be folded into it. `scale` defaults to 1/sqrt(hd) (T5 uses 1).
     """
-    if q.stride(-1) != 1:  # SDPA's flash kernel needs unit stride in the head dim (else: the slow math path)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # SDPA's flash kernel needs unit stride in the head dim (else: the slow math path). Each tensor
+    # on its own: during decoding q comes strided from the few-rows Linear while k, v are views of
+    # the KV cache, which a copy would duplicate whole in every layer at every step.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         # expand instead of SDPA's enable_gqa: the latter falls back to the math kernel on CPU.
