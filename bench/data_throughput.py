@@ -11,8 +11,8 @@ against what training consumes, peak memory against corpus size.
    throughput of the tiny model (gpt2-tiny, batch 8 x 256, fp32 AdamW, measured in this run).
    Target: >= 100x.
 3. Peak resident memory of a fresh process streaming the same number of tokens (2 workers, 64
-   streams, seq 256) from a plain .jsonl and a .jsonl.zst corpus of 10 MB and of 1 GB: main
-   process and largest worker. Target: flat.
+   streams, seq 256) from a plain .jsonl, a .jsonl.zst and a single .txt file of 10 MB and of
+   1 GB: main process and largest worker. Target: flat.
 
 Corpora are documents of the builtin corpus (random slices, so that 1 GB is not one repeated
 text), written to a temporary directory that is deleted at the end.
@@ -56,13 +56,15 @@ def parse_args(argv=None):
 
 
 def write_corpus(path: Path, nbytes: float, docs: list[str], seed: int = 0) -> Path:
-    """JSONL of random slices of `docs` up to `nbytes` (.zst compressed if the name says so)."""
+    """JSONL of random slices of `docs` up to `nbytes` (.zst compressed if the name says so), or
+    for a .txt name the slices themselves, one after another (one text file)."""
     rng = random.Random(seed)
     pool = []
     for _ in range(4000):  # distinct lines to draw from: writing 1 GB stays fast
         d = rng.choice(docs)
         a = rng.randrange(max(1, len(d) // 2))
-        pool.append((json.dumps({"text": d[a:a + rng.randint(200, 8000)]}) + "\n").encode())
+        text = d[a:a + rng.randint(200, 8000)]
+        pool.append((text + "\n" if path.suffix == ".txt" else json.dumps({"text": text}) + "\n").encode())
     plain = path.with_suffix("") if path.suffix == ".zst" else path
     with open(plain, "wb") as f:
         n = 0
@@ -221,7 +223,7 @@ def main(argv=None) -> None:
         print(f"\n## peak RSS (MB) streaming {args.memory_tokens:,.0f} tokens with 2 workers, fresh process per run")
         print(f"  {'corpus':<24} {'main':>8} {'largest worker':>15}")
         for size in args.sizes.split(","):
-            for suffix in (".jsonl", ".jsonl.zst"):
+            for suffix in (".jsonl", ".jsonl.zst", ".txt"):
                 path = write_corpus(tmp / f"mem-{size}{suffix}", parse_size(size), docs, seed=1)
                 out = subprocess.run([sys.executable, __file__, "--child", str(path), str(tok.path),
                                       str(args.memory_tokens), "2"], capture_output=True, text=True)

@@ -50,7 +50,7 @@ from data_pipeline.errors import (  # noqa: F401 (re-exported: the data layer's 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _GLOB_CHARS = set("*?[")
 _CHUNK = 1 << 20
-PART_BYTES = 1 << 18  # a .txt file is one document up to twice this size, else parts of 1-2x this
+PART_BYTES = 1 << 16  # a .txt file is one document up to twice this size, else parts of 1-2x this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +156,17 @@ class TextFile(Unit):
         if x <= 0 or x >= self.size:
             return max(0, min(x, self.size))
         f.seek(x - 1)
-        buf = f.read(PART_BYTES + 1)
-        i = buf.find(b"\n")
-        if i >= 0:
-            return x + i
+        head, n = b"", 0
+        while n <= PART_BYTES:  # lines are short: read a little at a time
+            chunk = f.read(4096)
+            if not chunk:
+                return self.size
+            i = chunk.find(b"\n")
+            if i >= 0:
+                return x + n + i
+            head, n = head or chunk[:5], n + len(chunk)
         i = 1
-        while i < min(len(buf), 5) and buf[i] & 0xC0 == 0x80:
+        while i < min(len(head), 5) and head[i] & 0xC0 == 0x80:
             i += 1
         return x - 1 + i
 
