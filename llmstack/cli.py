@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "docstrings and comments): tokenizer -> pretrain a tiny GPT -> SFT -> reward model -> PPO "
                         "and DPO -> eval, each stage with its demo config from configs/. Writes OUT/report.md "
                         "(a table of every stage's metrics, PNG curves in OUT/plots/) and OUT/report.json. "
-                        "About 10-15 minutes on a laptop CPU.")
+                        "About 7 minutes on 2 CPU cores.")
     qs.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
     qs.add_argument("--steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
     qs.add_argument("--scale", type=float, default=1.0,
