@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w") as f:
                 f.write(json.dumps(results, indent=2) + "\n")
             print(f"wrote {args.output}")
-    env.shutdown()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        env.exit_after_group(0)  # does not return (see there why)
     return 0
 
 

@@ -199,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = _dispatch(args)
         if "torch.distributed" in sys.modules:  # only commands that started a process group
+            import torch.distributed as dist
+
             from llmstack.dist import env
 
-            env.shutdown()
+            if dist.is_initialized():
+                env.exit_after_group(rc)  # does not return (see there why)
         return rc
     except UsageError as e:
         # Errors every rank meets are printed once; bad data is met by one rank, which says so.

@@ -147,6 +147,25 @@ def shutdown() -> None:
     sys.stderr.flush()
 
 
+def exit_after_group(rc: int):
+    """End a process that ran a process group: tear the group down (:func:`shutdown`), flush
+    every output buffer, and leave without interpreter finalization. At finalization Python
+    destroys what still references the backend (DeepSpeed engines and its group registry keep
+    process-group handles after destroy_process_group), and under load that has aborted gloo
+    runs whose work was finished and saved ("terminate called without an active exception",
+    twice in CI). Callers have closed and fsynced everything they write before this point."""
+    import ctypes
+    import logging
+
+    shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)  # C-level stdio buffers (extensions that print)
+    os._exit(rc)
+
+
 # DeepSpeed's CPU communication op (all ranks on one machine) gives each rank a ~69 MB POSIX
 # shared-memory file named after the rendezvous address, port and rank, and never unlinks it:
 # every multi-process CPU run would leave them in /dev/shm (RAM) until the machine fills up.

@@ -54,8 +54,7 @@ def main() -> None:
             if rank == 0:
                 (out / "state.json").write_text(json.dumps(merged))
     np.save(out / f"rank{rank}.npy", np.concatenate(rows))
-    env.barrier()
-    env.shutdown()
+    env.exit_after_group(0)
 
 
 if __name__ == "__main__":

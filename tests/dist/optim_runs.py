@@ -102,8 +102,7 @@ def main() -> None:
             results.setdefault(stage, {})[name] = {"straight": straight, "resumed": first + rest}
     if env.is_main():
         out.write_text(json.dumps(results, indent=1))
-    env.barrier()
-    env.shutdown()
+    env.exit_after_group(0)
 
 
 if __name__ == "__main__":
