@@ -18,9 +18,9 @@ Spec forms:
   ``save_to_disk``.
 
 Two kinds of unit, by whether a reader can jump to a position:
-- seekable (plain .jsonl/.txt by byte offset (lines / parts), builtin, save_to_disk datasets by row, shards by
-  document): the stream layer gives every stream its own contiguous region and each stream seeks
-  straight to it, so nothing is read twice and resuming is a seek.
+- seekable (plain .jsonl lines and .txt parts by byte offset, builtin, save_to_disk datasets by
+  row, shards by document): the stream layer gives every stream its own contiguous region and
+  each stream seeks straight to it, so nothing is read twice and resuming is a seek.
 - sequential (.jsonl.gz, .jsonl.zst, .parquet, HF streaming): readable only front to back, so
   records are dealt round-robin to streams by line/row index and each loader worker reads the
   unit once, decoding only the records its streams own. Resuming skips lines without decoding.

@@ -84,6 +84,7 @@ def _with_config(parser: argparse.ArgumentParser, args, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the process's own command, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "harness":
         from eval.harness import run_harness
@@ -124,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w") as f:
                 f.write(json.dumps(results, indent=2) + "\n")
             print(f"wrote {args.output}")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        env.exit_after_group(0)  # does not return (see there why)
+    if entry:
+        env.exit_after_group(0)  # does not return if a process group was started (see there why)
+    env.shutdown()
     return 0
 
 

@@ -194,17 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the process's own command (console script, python -m), not a call from Python
     argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         rc = _dispatch(args)
-        if "torch.distributed" in sys.modules:  # only commands that started a process group
-            import torch.distributed as dist
-
+        if "torch.distributed" in sys.modules:  # only commands that may have started a process group
             from llmstack.dist import env
 
-            if dist.is_initialized():
-                env.exit_after_group(rc)  # does not return (see there why)
+            if entry:
+                env.exit_after_group(rc)  # does not return if one was started (see there why)
+            env.shutdown()
         return rc
     except UsageError as e:
         # Errors every rank meets are printed once; bad data is met by one rank, which says so.

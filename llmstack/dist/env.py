@@ -137,7 +137,8 @@ def shutdown() -> None:
     """Tear the process group down after a successful command: every rank waits for the others,
     then destroys it. Left to interpreter exit, the backend's worker threads can be destroyed
     while still joinable, which aborts the process ("terminate called without an active
-    exception") after all work is done and turns a finished run into a failed one."""
+    exception") after all work is done and turns a finished run into a failed one. Commands
+    end with :func:`exit_after_group`, which calls this and then skips finalization too."""
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             barrier()
@@ -147,13 +148,15 @@ def shutdown() -> None:
     sys.stderr.flush()
 
 
-def exit_after_group(rc: int):
+def exit_after_group(rc: int) -> None:
     """End a process that ran a process group: tear the group down (:func:`shutdown`), flush
-    every output buffer, and leave without interpreter finalization. At finalization Python
-    destroys what still references the backend (DeepSpeed engines and its group registry keep
-    process-group handles after destroy_process_group), and under load that has aborted gloo
-    runs whose work was finished and saved ("terminate called without an active exception",
-    twice in CI). Callers have closed and fsynced everything they write before this point."""
+    every output buffer, and leave without interpreter finalization (returns only when no group
+    was started). A finished 2-process gloo run aborted at exit in CI ("terminate called without
+    an active exception") although :func:`shutdown` had destroyed the group; finalization, where
+    Python destroys whatever still holds the backend's objects, is the phase left where that can
+    happen. Callers have closed and fsynced everything they write before this point."""
+    if not dist.is_initialized():
+        return
     import ctypes
     import logging
 
