@@ -205,12 +205,17 @@ class Scorer:
         self.seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        if self.world > 1:
-            merged = {}
-            for part in env.all_gather_object(results):
-                merged.update(part)
-            results = merged
+        results = self._merge_ranks(results)
         return results
+
+    def _merge_ranks(self, results: dict) -> dict:
+        """Every rank's share of {index: result}, merged (each rank scored different indices)."""
+        if self.world == 1:
+            return results
+        merged = {}
+        for part in env.all_gather_object(results):
+            merged.update(part)
+        return merged
 
     def _bucket(self, n: int) -> int:
         """The padded length of a row of n tokens (a multiple of BUCKET, within the context)."""
@@ -300,9 +305,5 @@ class Scorer:
         self.seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        if self.world > 1:
-            merged = {}
-            for part in env.all_gather_object(results):
-                merged.update(part)
-            results = merged
+        results = self._merge_ranks(results)
         return [results[i] for i in range(len(prompts))]

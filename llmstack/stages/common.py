@@ -218,6 +218,23 @@ def rlhf_meta(step: int, world: int, zero_stage: int, precision: str, tokenizer,
             "head": head, "model": arch.__dict__, "config": cfg.model_dump(mode="json"), "time": time.time(), **extra}
 
 
+def finetune_setup(cfg, cls, ds_config: dict, ckpt_root: Path):
+    """The shared start of the single-model fine-tuning stages (reward model, DPO): the starting
+    checkpoint (model.init), its tokenizer and architecture, the checkpoint to resume from (its
+    tokenizer checked), and a `cls` model loaded from model.init unless resuming.
+    Returns (init, tokenizer, arch, resume_from, model)."""
+    t = cfg.train
+    init = read_init(cfg.model.init)
+    tokenizer = finetune_tokenizer(cfg.tokenizer, init)
+    arch = rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
+    resume_from = find_resume_checkpoint(t.resume, ckpt_root)
+    if resume_from is not None:
+        check_tokenizer(ckpt.read_meta(resume_from).get("tokenizer_hash"), tokenizer.hash, resume_from)
+    model = build_rlhf_model(cls, arch, ds_config, cfg.zero.stage, cfg.seed,
+                             init if resume_from is None else None, tokenizer.hash, "model.init")
+    return init, tokenizer, arch, resume_from, model
+
+
 def train_engine(model, train_cfg, ds_config: dict, lr: float | None = None):
     """A training engine with the config's optimizer over the usual decay / no-decay groups."""
     from llmstack.train.optim import param_groups

@@ -65,14 +65,7 @@ def run(cfg: DPOConfig) -> dict:
     run_dir, t, opt = cfg.run.path, cfg.train, cfg.dpo
     ckpt_root = run_dir / "checkpoints"
 
-    init = common.read_init(cfg.model.init)
-    tokenizer = common.finetune_tokenizer(cfg.tokenizer, init)
-    arch = common.rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
-    resume_from = common.find_resume_checkpoint(t.resume, ckpt_root)
-    if resume_from is not None:
-        common.check_tokenizer(ckpt.read_meta(resume_from).get("tokenizer_hash"), tokenizer.hash, resume_from)
-    policy = common.build_rlhf_model(PolicyLM, arch, ds_config, cfg.zero.stage, cfg.seed,
-                                     init if resume_from is None else None, tokenizer.hash, "model.init")
+    init, tokenizer, arch, resume_from, policy = common.finetune_setup(cfg, PolicyLM, ds_config, ckpt_root)
     engine = common.train_engine(policy, t, ds_config)
     # the reference is the starting point (model.init, or the same seeded initialisation)
     reference = ds.create_inference_engine(

@@ -225,14 +225,7 @@ def run(cfg: RMConfig) -> dict:
     run_dir, t = cfg.run.path, cfg.train
     ckpt_root = run_dir / "checkpoints"
 
-    init = common.read_init(cfg.model.init)
-    tokenizer = common.finetune_tokenizer(cfg.tokenizer, init)
-    arch = common.rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
-    resume_from = common.find_resume_checkpoint(t.resume, ckpt_root)
-    if resume_from is not None:
-        common.check_tokenizer(ckpt.read_meta(resume_from).get("tokenizer_hash"), tokenizer.hash, resume_from)
-    model = common.build_rlhf_model(ScalarHeadModel, arch, ds_config, cfg.zero.stage, cfg.seed,
-                                    init if resume_from is None else None, tokenizer.hash, "model.init")
+    _, tokenizer, arch, resume_from, model = common.finetune_setup(cfg, ScalarHeadModel, ds_config, ckpt_root)
     engine = common.train_engine(model, t, ds_config)
     pad = tokenizer.pad_id or 0
 
