@@ -212,15 +212,30 @@ class GPT(nn.Module):
             # the same Parameter in two modules (as HF does): each module's forward sees it, so
             # ZeRO-3 gathers it for both the lookup and the output projection.
             self.lm_head.weight = self.wte.weight
-        if cfg.pos == "rotary":
-            cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.pos == "sinusoidal":  # fixed, so not in the state dict
-            self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
-        if cfg.pos == "alibi":
-            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        # Fixed position tables (rotary cos/sin, sinusoidal, ALiBi slopes) are not buffers: they are
+        # computed in fp32 on first use per device and cached outside the module's tensors (see
+        # `_tables`), so neither a construction context that makes floats in bf16
+        # (deepspeed.zero.Init) nor a cast of the module (model.bfloat16(), DeepSpeed's bf16
+        # engine) can round them. In bf16, positions above 256 are not representable and
+        # collapse onto their neighbours. They are cast to the activations' dtype at use, as
+        # transformers does.
+        self._fixed_tables: dict = {}
         self.gradient_checkpointing = cfg.activation_checkpointing
+
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """This device's fp32 position tables: "rope" (cos, sin), sinusoidal "pe" or ALiBi "alibi"."""
+        tables = self._fixed_tables.get(str(device))
+        if tables is None:
+            c, tables = self.config, {}
+            with torch.autocast(device.type, enabled=False):
+                if c.pos == "rotary":
+                    tables["rope"] = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+                elif c.pos == "sinusoidal":
+                    tables["pe"] = sinusoidal_table(c.max_seq_len, c.d_model).to(device)
+                elif c.pos == "alibi":
+                    tables["alibi"] = alibi_slopes(c.n_head).to(device)
+            self._fixed_tables[str(device)] = tables
+        return tables
 
     # -- init ------------------------------------------------------------------------------
     def init_module_(self, module: nn.Module) -> None:
@@ -293,13 +308,14 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         elif self.config.pos == "sinusoidal":
             pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
-            x = x + self.pe[pos].to(x.dtype)
+            x = x + self._tables(x.device)["pe"][pos].to(x.dtype)
         elif self.config.pos == "rotary":
+            cos, sin = self._tables(x.device)["rope"]  # fp32 (max_seq_len, hd)
             if position_ids is None:
-                rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
+                rope = (cos[:T].to(x.dtype), sin[:T].to(x.dtype))
             else:  # (T, hd) for shared positions, (B, 1, T, hd) for per-sample ones (broadcast over heads)
                 rope_pos = position_ids if position_ids.dim() == 1 else position_ids[:, None]
-                rope = (self.rope_cos[rope_pos].to(x.dtype), self.rope_sin[rope_pos].to(x.dtype))
+                rope = (cos[rope_pos].to(x.dtype), sin[rope_pos].to(x.dtype))
         x = self.drop(x)
         attn_mask = self._pattern_mask(attn_mask, past, T, x.dtype)
         for block in self.blocks:
@@ -325,7 +341,7 @@ class GPT(nn.Module):
             mask = mask & attn_mask  # (B, 1, T, S)
         if c.pos != "alibi":
             return mask
-        bias = alibi_bias(self.alibi, q_pos, k_pos)  # (nh, T, S): -m_h (i - j)
+        bias = alibi_bias(self._tables(dev)["alibi"], q_pos, k_pos)  # (nh, T, S): -m_h (i - j)
         return bias.masked_fill(~mask, float("-inf")).to(dtype)  # (1 or B, nh, T, S)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

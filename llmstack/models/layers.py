@@ -410,12 +410,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # d(mean loss)/d(logits) = (softmax - onehot) * scale, scale = 1/n_valid on counted rows,
         # 0 on ignored ones. The scale is applied to the (rows, C) sides of the two gradient
         # matmuls instead of the (rows, V) one: an elementwise pass over the logits saved.
-        scale = (valid.to(torch.float32) / n_valid.clamp(min=1))[:, None]
+        # Low precision (bf16/fp16 models): the gradients stay fp32 until backward has multiplied
+        # them by the incoming gradient (fp16's loss scale, 2^16 by default, is not even
+        # representable in fp16), and 1/n_valid is applied in fp32: rounding g/n to fp16 first
+        # would flush the small entries of a large batch to zero.
+        inv_n = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+        scale = (valid.to(torch.float32) * inv_n)[:, None]
         # ignored rows: any valid index, masked below (other out-of-range labels still fail in gather)
         target = labels.masked_fill(~valid, 0)[:, None]
         minus_valid = valid.to(torch.float32).neg()[:, None]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if need_grad else None
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         for s in range(0, N, rows):
             e = min(s + rows, N)
@@ -441,25 +446,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     p.scatter_add_(1, target[s:e], minus_valid[s:e])  # - onehot (counted rows only)
                 p = p.to(compute_dtype)
-                grad_x[s:e] = (p @ wc).mul_(scale[s:e])
-                xs = (xc[s:e] * scale[s:e]).to(compute_dtype)
                 if compute_dtype == torch.float32:
-                    grad_w.addmm_(p.t(), xs)
-                else:  # low-precision matmul, fp32 accumulation across chunks
-                    grad_w += p.t() @ xs
+                    torch.mm(p, wc, out=grad_x[s:e]).mul_(scale[s:e])
+                    grad_w.addmm_(p.t(), xc[s:e] * scale[s:e])
+                else:  # low-precision matmuls; scaling by 1/n and accumulation across chunks in fp32
+                    grad_x[s:e] = (p @ wc).float().mul_(scale[s:e])
+                    grad_w += (p.t() @ (xc[s:e] * valid[s:e, None].to(compute_dtype))).float()
         if need_grad:
-            ctx.grads = (grad_x, grad_w.to(weight.dtype))
+            if compute_dtype != torch.float32:
+                grad_w.mul_(inv_n)
+            ctx.grads = (grad_x, grad_w, x.dtype, weight.dtype)
         return loss / n_valid  # nan when nothing is counted, as F.cross_entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        grad_x, grad_w = ctx.grads
+        grad_x, grad_w, x_dtype, w_dtype = ctx.grads  # fp32
         # the loss is usually the root (grad 1): skip two passes then; no host sync on GPUs, no
-        # data-dependent branch under torch.compile
+        # data-dependent branch under torch.compile. The incoming gradient (a loss scale, say)
+        # multiplies the fp32 gradients before they are cast to the inputs' dtypes.
         if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or grad_out.item() != 1.0:
-            grad_x, grad_w = grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+            g = grad_out.to(torch.float32)
+            grad_x, grad_w = grad_x * g, grad_w * g
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

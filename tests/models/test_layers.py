@@ -54,3 +54,35 @@ def test_linear_decoding_paths_equal_nn_linear():
     # outside inference mode nn.Linear itself runs (training numerics untouched)
     x = torch.randn(4, 32, requires_grad=True)
     assert torch.equal(wide(x), F.linear(x, wide.weight, wide.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fused_loss_gradients_at_fp16_loss_scale(dtype):
+    """A half-precision model under DeepSpeed's fp16 loss scaling (2^16): the fused loss's one-step
+    gradients equal the unfused loss's within half-precision tolerance, with nothing overflowing
+    and no more entries flushed to zero. Both are compared with an fp64 reference of the same math
+    on the same (half-precision) inputs."""
+    torch.manual_seed(0)
+    N, C, V, scale = 2048, 64, 1000, 2.0 ** 16
+    x0 = (torch.randn(N, C) * 0.5).to(dtype)
+    w0 = (torch.randn(V, C) * 0.05).to(dtype)
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = -100
+
+    def grads(fn):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        (fn(x, w) * scale).backward()
+        return x.grad, w.grad
+
+    fused = grads(lambda x, w: layers.linear_cross_entropy(x, w, labels))
+    plain = grads(lambda x, w: F.cross_entropy((x @ w.t()).float(), labels, ignore_index=-100))
+    ref = grads(lambda x, w: F.cross_entropy(x.double() @ w.double().t(), labels, ignore_index=-100))
+    eps = torch.finfo(dtype).eps
+    for g, gp, gr in zip(fused, plain, ref):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        rel = ((g.double() - gr).abs().max() / gr.abs().max()).item()
+        rel_plain = ((gp.double() - gr).abs().max() / gr.abs().max()).item()
+        assert rel <= max(4 * eps, 2 * rel_plain), (rel, rel_plain)
+        flushed = ((g == 0) & (gr != 0)).sum().item()
+        flushed_plain = ((gp == 0) & (gp.double() != gr) & (gr != 0)).sum().item()
+        assert flushed <= flushed_plain + gr.numel() * 1e-4, (flushed, flushed_plain)
