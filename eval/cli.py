@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ppl: window length (default: the training sequence length, else the model's context)")
     p.add_argument("--stride", type=int, help="ppl: window advance (default: the window length)")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the model)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the model runs: auto (default) = the GPU when CUDA is available (each rank of a "
+                        "launch on cuda:LOCAL_RANK), else cpu; an explicit cuda without a GPU exits 2")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights and activations: auto (default) = bf16 on a GPU, fp32 on CPU; fp16 needs a GPU. "
+                        "Log-softmax is in fp32 whatever the dtype; the results record device and dtype")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--log-samples", action="store_true", help="per-sample contexts, log-likelihoods, generations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(args.model, args.tasks.split(","), num_fewshot=args.num_fewshot,
                            fewshot_seed=args.fewshot_seed, batch_size=args.batch_size, bos=args.bos, limit=args.limit,
                            log_samples=args.log_samples, truncate=args.truncate, context=args.context,
-                           stride=args.stride, tokenizer=args.tokenizer, dtype=args.dtype,
+                           stride=args.stride, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                            progress=not args.no_progress)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

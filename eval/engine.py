@@ -117,7 +117,7 @@ class Scorer:
         # data-parallel over the launcher's ranks, or this process alone (e.g. inside the harness)
         self.rank, self.world = (env.rank(), env.world_size()) if distributed else (0, 1)
         self.batch_size = batch_size
-        self.device = device or torch.device("cpu")
+        self.device = device or next(model.parameters()).device  # inputs go where the model is
         self.max_len = model.config.max_seq_len
         self.progress = progress
         self.tokens_scored = 0  # positions run through the model (padding excluded), for throughput

@@ -4,7 +4,9 @@ Stated choices (all written into the results): BOS before every context (default
 model was trained with, `data.bos` of its run; off for a Hugging Face directory, as the harness's
 HF backend does), the few-shot count and seed, and the normalisations: `acc_norm` divides each
 choice's log-likelihood by the UTF-8 byte length of the choice text (lm-evaluation-harness's
-`acc_norm` divides by characters, reported here as `acc_chars`; equal for ASCII text).
+`acc_norm` divides by characters, reported here as `acc_chars`; equal for ASCII text), and the
+device and dtype the model ran in (default auto: this rank's GPU in bf16 when CUDA is available,
+else the CPU in fp32; log-softmax is in fp32 whatever the dtype, see engine.py).
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ from eval.engine import Scorer, rolling_rows
 from eval.taskspec import load_spec, prepare
 from llmstack.dist import env
 from llmstack.errors import UsageError
+from llmstack.generate import DTYPE_NAMES, place_model, resolve_placement
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def load_model(path: str, tokenizer_path: str | None = None, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto"):
+    """(model on `device` in `dtype`, tokenizer, info): a checkpoint of any ZeRO stage (consolidated
+    on load), a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA directory.
+    device/dtype as --device/--dtype (auto: this rank's GPU in bf16, else the CPU in fp32)."""
+    dev, dt = resolve_placement(device, dtype)
+    model, tokenizer, info = _load_cpu(path, tokenizer_path)
+    return place_model(model, dev, dt), tokenizer, info
 
 
-def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "fp32"):
-    """(model on this rank's device, tokenizer, info): a checkpoint of any ZeRO stage (consolidated
-    on load), a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA directory."""
+def _load_cpu(path: str, tokenizer_path: str | None):
+    """(model on CPU in fp32 as stored, tokenizer, info); a non-decoder model is a UsageError."""
     from llmstack.train.checkpoint import load_for_inference
 
     if not Path(path).exists():
@@ -38,7 +48,6 @@ def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "fp32"
     family = info.get("model_family", "gpt")
     if family != "gpt":
         raise UsageError(f"{path} is a {family} model: llmstack-eval scores decoder-only (gpt) models")
-    model = model.to(env.device(), DTYPES[dtype])
     return model, tokenizer, info
 
 
@@ -59,17 +68,20 @@ def _bos_default(info: dict) -> bool:
 def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = None, fewshot_seed: int = 1234,
              batch_size: int = 8, bos: bool | None = None, limit: int | None = None, log_samples: bool = False,
              truncate: str = "error", context: int | None = None, stride: int | None = None,
-             tokenizer: str | None = None, dtype: str = "fp32", progress: bool = True) -> dict:
+             tokenizer: str | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
     """Evaluate a model on tasks; returns the results (config, model, per-task metrics).
 
     tasks: builtin task names (eval/tasks/*.yaml), YAML paths, or `ppl:SOURCE` (rolling perplexity
     of a text source; `context` tokens per window, default the model's, advancing by `stride`,
-    default the context). Runs data-parallel when started by a launcher (WORLD_SIZE > 1).
+    default the context). Runs data-parallel when started by a launcher (WORLD_SIZE > 1), each
+    rank on cuda:LOCAL_RANK with device auto or cuda. device: auto | cpu | cuda | cuda:N; dtype:
+    auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU, fp32 on CPU; fp16 only on a GPU).
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if truncate not in ("error", "left"):
         raise UsageError(f"--truncate must be error or left, got {truncate!r}")
+    dev, dt = resolve_placement(device, dtype)
     # specs, data and prompts first: bad input fails before the model is loaded
     specs = []
     for name in filter(None, (t.strip() for t in tasks)):
@@ -82,16 +94,19 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
         raise UsageError("no tasks given")
     if env.world_size() > 1:
         env.init()
-    model, tok, info = load_model(model_path, tokenizer, dtype)
+    model, tok, info = _load_cpu(model_path, tokenizer)
+    model_hash = weights_hash(model)  # of the weights as stored, whatever dtype they run in
+    place_model(model, dev, dt)
     use_bos = _bos_default(info) if bos is None else bos
     if use_bos and tok.bos_id is None:
         raise UsageError(f"--bos: the tokenizer of {model_path} has no BOS token")
-    scorer = Scorer(model, tok, batch_size=batch_size, device=env.device(), progress=progress)
+    scorer = Scorer(model, tok, batch_size=batch_size, device=dev, progress=progress)
     results = {
-        "model": str(model_path), "step": info.get("step"), "model_hash": weights_hash(model),
+        "model": str(model_path), "step": info.get("step"), "model_hash": model_hash,
         "tokenizer_hash": tok.hash, "architecture": info.get("model"),
         "config": {"tasks": [n for n, _ in specs], "num_fewshot": num_fewshot, "fewshot_seed": fewshot_seed,
-                   "batch_size": batch_size, "bos": use_bos, "truncate": truncate, "dtype": dtype, "limit": limit,
+                   "batch_size": batch_size, "bos": use_bos, "truncate": truncate, "dtype": DTYPE_NAMES[dt],
+                   "device": str(dev), "limit": limit,
                    "world_size": env.world_size(), "max_seq_len": scorer.max_len,
                    "acc_norm": "log-likelihood / UTF-8 bytes of the choice"},
         "tasks": {},

@@ -6,7 +6,8 @@ The harness discovers no plugins, so `llmstack-eval harness ARGS` registers the 
 below in the running process and then runs the harness's own command line with ARGS unchanged:
 its whole task catalogue runs on our checkpoints (any ZeRO stage, consolidated on load) without
 an export. model_args: checkpoint (required), tokenizer, bos (default false, as the harness's
-HF backend), dtype (fp32 | bf16 | fp16), batch_size.
+HF backend), dtype (auto | fp32 | bf16 | fp16; auto: bf16 on a GPU, fp32 on CPU), device (auto |
+cpu | cuda | cuda:N; the harness's --device too), batch_size.
 
 The three request types are answered by our engine (eval/engine.py), with the harness's
 conventions: contexts and continuations are split as `HFLM` splits them, too-long inputs lose
@@ -29,12 +30,12 @@ from eval.engine import Scorer, rolling_rows
 class LLMStackLM(LM):
     """lm-evaluation-harness model backed by an llmstack checkpoint."""
 
-    def __init__(self, checkpoint: str, tokenizer: str | None = None, bos: bool | str = False, dtype: str = "fp32",
-                 batch_size: int | str = 8, **_ignored):
+    def __init__(self, checkpoint: str, tokenizer: str | None = None, bos: bool | str = False, dtype: str = "auto",
+                 batch_size: int | str = 8, device: str = "auto", **_ignored):
         super().__init__()
         from eval.evaluator import load_model
 
-        model, tok, info = load_model(checkpoint, tokenizer, dtype)
+        model, tok, info = load_model(checkpoint, tokenizer, dtype, device)
         self.bos = str(bos).lower() in ("1", "true", "yes")
         bs = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> our default
         self.scorer = Scorer(model, tok, batch_size=bs, device=model.wte.weight.device, distributed=False)

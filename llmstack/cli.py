@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the model)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
+    gen.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                     help="where the model runs: auto (default) = the GPU (cuda:LOCAL_RANK) when CUDA is available, "
+                     "else cpu; an explicit cuda without a GPU exits 2")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="weights and activations: auto (default) = bf16 on a GPU, fp32 on CPU; fp16 needs a GPU. "
+                     "Logits are upcast to fp32 before sampling or argmax")
 
     pl = sub.add_parser("plan", help="memory per GPU for each ZeRO stage, suggested micro-batch",
                         description="Estimate parameters, FLOPs/token and memory per GPU (weights, gradients, optimizer "
@@ -325,7 +331,7 @@ def _dispatch(args) -> int:
         generation.run(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
                        seed=args.seed, tokenizer_path=args.tokenizer, use_cache=not args.no_cache,
-                       chat=args.chat, system=args.system)
+                       chat=args.chat, system=args.system, device=args.device, dtype=args.dtype)
         return 0
     if args.command == "plan":
         from llmstack.stages import plan

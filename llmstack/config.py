@@ -38,6 +38,8 @@ class ZeroConfig(Strict):
     stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    comm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of gradient all-reduce / reduce-scatter; auto: fp32 (bf16 halves the traffic)")
 
     @model_validator(mode="after")
     def _offload_needs_stage(self):
@@ -407,6 +409,14 @@ class PPOConfig(Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
+
+    @model_validator(mode="after")
+    def _no_compile(self):
+        if self.train.compile:
+            raise ValueError("train.compile=true is not supported by `llmstack ppo`: rollouts decode straight from "
+                             "the actor's module with a KV cache whose shapes change at every generated token, so a "
+                             "compiled actor would recompile throughout generation; leave train.compile=false")
+        return self
 
 
 SCHEMAS.update({"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig})

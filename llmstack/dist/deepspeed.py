@@ -66,12 +66,22 @@ def build_ds_config(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    comm_dtype: str = "auto",
     extra: dict | None = None,
 ) -> dict:
-    """The ds_config dict for these settings, with `extra` (a user's raw ds_config) merged on top."""
+    """The ds_config dict for these settings, with `extra` (a user's raw ds_config) merged on top.
+
+    Low precision: gradients are all-reduced / reduce-scattered in `comm_dtype` (auto: fp32; bf16
+    halves the traffic at the cost of rounding every partial sum), and with ZeRO 1-3 in bf16 the
+    micro-batch gradients accumulate in fp32 (DeepSpeed's `data_types.grad_accum_dtype`, which
+    otherwise follows the model's dtype: a sum of many bf16 gradients loses their low bits).
+    Without ZeRO, DeepSpeed 0.19 has no fp32 accumulation for bf16 models (it refuses the
+    combination), so zero.stage=0 in bf16 accumulates in bf16: use zero.stage >= 1 with grad_accum > 1.
+    """
     pin = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage > 0:
+        # overlap_comm reduces finished buckets while backward goes on (GPU streams; nothing to overlap on CPU)
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -85,11 +95,14 @@ def build_ds_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "communication_data_type": "fp32" if comm_dtype == "auto" else comm_dtype,
         # we pass a torch optimizer (see create_engine); DeepSpeed supports it under ZeRO but calls it untested
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16" and zero_stage > 0:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if offload_optimizer:
         # offload needs DeepSpeed's CPU Adam, which it builds from this section
         cfg["optimizer"] = {
@@ -114,6 +127,10 @@ def init_weights(model: nn.Module, init_module: Callable[[nn.Module], None], zer
 
     Under ZeRO-3 each module's own parameters are gathered, initialised on rank 0 (consuming the
     RNG exactly as a plain run does) and re-partitioned, so all stages start from the same weights.
+    A model built without ZeRO-3 is initialised on the host in fp32 before the engine moves it to
+    the GPU and casts it; a ZeRO-3 model is built on the GPU in the training dtype. So each
+    module is initialised in fp32 host tensors (the CPU generator, fp32 draws) and copied in
+    with the same cast the engine applies, or ZeRO-3 would start from other weights on GPUs.
     """
     if zero_stage != 3:
         for m in model.modules():
@@ -128,32 +145,68 @@ def init_weights(model: nn.Module, init_module: Callable[[nn.Module], None], zer
             continue
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if env.is_main():
-                init_module(m)
+                _init_on_host(m, params, init_module)
+
+
+def _init_on_host(module: nn.Module, params: list[nn.Parameter], init_module: Callable[[nn.Module], None]) -> None:
+    """Run `init_module(module)` with its (gathered) parameters swapped for fp32 CPU tensors, then
+    copy the values back (cast to the parameters' dtype, on their device). The host copies start
+    as the current values: a parameter the module leaves alone (a tied LM head) keeps them."""
+    full = [p.data for p in params]
+    host = [d.detach().to("cpu", torch.float32, copy=True) for d in full]
+    try:
+        for p, h in zip(params, host):
+            p.data = h
+        init_module(module)
+    finally:
+        for p, d in zip(params, full):
+            p.data = d
+    with torch.no_grad():
+        for d, h in zip(full, host):
+            d.copy_(h)
 
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], zero_stage: int) -> None:
     """Copy a full (consolidated) state dict into a possibly ZeRO-3 partitioned model."""
+    sources = _param_sources(model, state)
     if zero_stage != 3:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        _check_keys(missing, unexpected, model)
+        with torch.no_grad():
+            for name, p in sources.items():
+                p.copy_(state[name].to(p.dtype))
         return
     import deepspeed
 
-    names = {n for n, _ in model.named_parameters()}
-    _check_keys([n for n in names if n not in state], [k for k in state if k not in names], model)
-    for name, p in model.named_parameters():
+    for name, p in sources.items():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if env.is_main():
                 p.data.copy_(state[name].to(p.dtype))
 
 
-def _check_keys(missing, unexpected, model) -> None:
-    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
+def _param_sources(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """{state key to load from: parameter}, one entry per distinct parameter, after checking that
+    the state fits the model. A tied parameter (a GPT's embedding and LM head) has several names;
+    any one of them present in the state provides it, and two present must hold equal values."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    known = {n for ns in names.values() for n in ns}
+    missing = [ns[0] for ns in names.values() if not any(n in state for n in ns)]
+    unexpected = [k for k in state if k not in known]
     if missing or unexpected:
         raise UsageError(
             f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    sources = {}
+    for key, ns in names.items():
+        present = [n for n in ns if n in state]
+        for other in present[1:]:
+            if not torch.equal(state[present[0]], state[other]):
+                raise UsageError(f"checkpoint holds different {present[0]} and {other}; the model ties them "
+                                 "(train or import it with untied embeddings: model.tie_embeddings=false)")
+        sources[present[0]] = params[key]
+    return sources
 
 
 def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *, lr, betas, eps,
@@ -253,17 +306,22 @@ def _zero_layout(zopt, opt):
     return optim.Layout(shapes, pieces, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
 
 
-DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket (elements)
+# Reduce / all-gather bucket (elements). DeepSpeed's default is 5e8, and a bucket is reduced when it
+# fills: a model under ~5e8 parameters then fills one bucket only at the end of backward, and no
+# gradient communication overlaps with computation. 5e7 (200 MB of fp32 gradients) is the low end
+# of the sizes large-model recipes use (5e7-2e8): a 124M model reduces in 3 buckets, the first two
+# while backward goes on.
+DEFAULT_BUCKET = 50_000_000
 
 
 def bucket_elements(num_params: int) -> int:
-    """Bucket size for a model: DeepSpeed's default, but never larger than the model.
+    """Bucket size for a model: DEFAULT_BUCKET, but never larger than the model.
 
-    ZeRO 1-3 allocate their gradient bucket at full size up front (5e8 elements = 2 GB in fp32,
-    twice with overlap_comm) whatever the model's size; a bucket larger than all the gradients
-    only wastes memory. Rounded up to a multiple of 64: ZeRO 1/2 require the all-gather bucket to
-    be a multiple of their alignment factor (a model with an odd parameter count, e.g. a scalar
-    head's bias, would otherwise fail an assertion).
+    ZeRO 1-3 allocate their gradient bucket at full size up front (twice with overlap_comm)
+    whatever the model's size; a bucket larger than all the gradients only wastes memory. Rounded
+    up to a multiple of 64: ZeRO 1/2 require the all-gather bucket to be a multiple of their
+    alignment factor (a model with an odd parameter count, e.g. a scalar head's bias, would
+    otherwise fail an assertion).
     """
     return int(min(DEFAULT_BUCKET, -(-max(num_params, 1) // 64) * 64))
 
@@ -386,16 +444,44 @@ def create_inference_engine(model: nn.Module, ds_config: dict):
 
 @torch.no_grad()
 def copy_full_weights(src: nn.Module, dst: nn.Module, zero_stage: int) -> None:
-    """dst's parameters <- src's full values (same architecture). Under ZeRO-3 src's partitions
-    are gathered once for the copy, so a rollout decodes from plain tensors instead of gathering
-    every layer at every generated token."""
-    pairs = list(zip(src.parameters(), dst.parameters()))
-    if zero_stage != 3:
-        for s, d in pairs:
-            d.copy_(s)
-        return
-    import deepspeed
+    """dst's parameters and buffers <- src's full values (same architecture; cast to dst's dtype).
 
-    with deepspeed.zero.GatheredParameters([s for s, _ in pairs]):
-        for s, d in pairs:
-            d.copy_(s.data.view(d.shape))
+    Under ZeRO-3 src is gathered module by module (each module's own parameters, then released
+    before the next), so a rollout decodes from plain tensors instead of gathering every layer at
+    every generated token, and the copy never needs more than one module's full weights (the
+    largest: the embedding or the LM head) besides dst. Gathering the whole model at once would
+    hold a second full copy of it for the duration. Buffers are never partitioned: copied as they are.
+    """
+    dst_modules = dict(dst.named_modules())
+    seen: set[int] = set()  # a tied parameter (embedding = LM head) is copied once
+    for name, m in src.named_modules():
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        target = dst_modules[name]
+        if zero_stage != 3:
+            for n, p in own:
+                getattr(target, n).copy_(p)
+            continue
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in own]):  # read only: no modifier rank
+            for n, p in own:
+                d = getattr(target, n)
+                d.copy_(p.data.view(d.shape))
+    dst_buffers = dict(dst.named_buffers())
+    for n, b in src.named_buffers():
+        dst_buffers[n].copy_(b)
+
+
+def compile_engine(engine) -> None:
+    """torch.compile a training engine's model (train.compile) the way DeepSpeed supports it:
+    after `deepspeed.initialize`, through `engine.compile()`. That compiles `engine.module` in
+    place (`nn.Module.compile`: parameter names and checkpoints unchanged) with the accelerator's
+    backend (inductor on CPU and CUDA) and marks the engine compiled; under ZeRO-3 the hooks that
+    gather and release each layer's parameters are then already installed and run eagerly
+    between the compiled pieces. Compiling the bare model before `deepspeed.initialize`, as the
+    stages used to, leaves the engine unaware of it (DeepSpeed's own compile path is the one it
+    supports with ZeRO-3). DeepCompile (the ds_config's `compile.deepcompile`) is not enabled here."""
+    engine.compile(compile_kwargs={})

@@ -6,15 +6,15 @@ documents follow an EOS, so this is "start of a document"); T5 prompts end with 
 encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token).
 With --chat, each message is a user turn under the chat template (formats.encode_prompt: the
 conversation up to the assistant header) and the reply stops at <|end|>.
+The model runs on --device in --dtype (default auto: the GPU in bf16 when there is one, else the
+CPU in fp32; see llmstack/generate.py), sampling seeded by --seed on that device.
 """
 
 from __future__ import annotations
 
-import torch
-
 from data_pipeline import formats
 from llmstack.errors import UsageError
-from llmstack.generate import generate
+from llmstack.generate import generate, place_model, resolve_placement, sampling_generator
 from llmstack.train.checkpoint import load_for_inference
 
 
@@ -35,7 +35,7 @@ def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
 def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
         top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] = (), seed: int = 0,
         tokenizer_path: str | None = None, use_cache: bool = True, chat: list[str] = (),
-        system: str | None = None) -> list[str]:
+        system: str | None = None, device: str = "auto", dtype: str = "auto") -> list[str]:
     """Generate and print one continuation per prompt (or one reply per --chat message under the
     chat template, see data_pipeline/formats.py); returns the texts."""
     if bool(prompts) == bool(chat):
@@ -48,10 +48,12 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
                                                                  repetition_penalty > 0)):
         if not ok:
             raise UsageError(f"{name} {value} is out of range")
+    dev, dt = resolve_placement(device, dtype)  # before loading: a bad --device fails at once
     model, tok, info = load_for_inference(model_path, tokenizer_path)
     family = info.get("model_family", "gpt")
     if family not in ("gpt", "t5"):
         raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")
+    place_model(model, dev, dt)
     eos = tok.eos_id if tok.eos_id is not None else (info.get("special_ids") or {}).get("eos")
     ids = [tok.encode(p) for p in prompts]
     if family == "gpt" and tok.meta and eos is not None:
@@ -76,7 +78,7 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     try:
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, stop_ids=stops, pad_id=pad, use_cache=use_cache,
-                       generator=torch.Generator().manual_seed(seed))
+                       generator=sampling_generator(dev, seed))
     except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
         raise UsageError(str(e)) from None
     texts = []

@@ -4,7 +4,8 @@ The estimate follows the ZeRO paper's accounting (Rajbhandari et al. 2020, secti
 activations of our GPT blocks:
 - weights: N x bytes of the training dtype; partitioned by ZeRO-3; moved to the host by
   param offload
-- gradients: N x bytes of the training dtype; partitioned by ZeRO-2 and 3
+- gradients: N x bytes of the training dtype; partitioned by ZeRO-2 and 3; in fp32 (4 bytes)
+  for bf16 under ZeRO 1-3, which accumulate them in fp32 (dist/deepspeed.py)
 - optimizer: Adam moments (8 bytes/param) plus an fp32 master copy (4 bytes/param) when training
   in bf16/fp16; partitioned by ZeRO 1-3; moved to the host by optimizer offload
 - activations per layer and token: what our block saves for backward (norm inputs and outputs,
@@ -71,7 +72,8 @@ def estimate(arch: GPTConfig, *, seq_len: int, micro_batch: int, zero_stage: int
     bw = 2 if precision in ("bf16", "fp16") else 4
     d = world
     weights = n * bw / (d if zero_stage == 3 else 1)
-    grads = n * bw / (d if zero_stage >= 2 else 1)
+    grad_bytes = 4 if precision == "bf16" and zero_stage >= 1 else bw  # fp32 accumulation (build_ds_config)
+    grads = n * grad_bytes / (d if zero_stage >= 2 else 1)
     opt = (8 + (4 if bw == 2 else 0)) * n / (d if zero_stage >= 1 else 1)
     host = 0.0
     if offload_optimizer:
@@ -95,8 +97,8 @@ def estimate(arch: GPTConfig, *, seq_len: int, micro_batch: int, zero_stage: int
         transient = 2 * 4 * n / (d if zero_stage >= 1 else 1)  # foreach AdamW temporaries
     if zero_stage == 3:
         acts += 2 * layer_params * bw  # gathered blocks (current + prefetch)
-    if zero_stage >= 1:  # gradient bucket(s), allocated up front; two with overlap_comm (on GPUs)
-        acts += bucket_elements(n) * bw * (2 if device == "gpu" else 1)
+    if zero_stage >= 1:  # gradient bucket(s) in the fp32 communication dtype; two with overlap_comm (on GPUs)
+        acts += bucket_elements(n) * 4 * (2 if device == "gpu" else 1)
     return Estimate(weights, grads, opt, acts, transient, host)
 
 

@@ -22,7 +22,6 @@ from llmstack.stages import data as data_stage
 from llmstack.train import checkpoint as ckpt
 from llmstack.train.loop import evaluate, train_with
 from llmstack.train.metrics import MetricsLogger
-from llmstack.train.optim import param_groups
 
 
 # Inputs for packed documents (data.doc_mask=true) travel with the batch as keyword arguments.
@@ -58,7 +57,8 @@ def ds_config_for(cfg: PretrainConfig, world: int) -> tuple[dict, int, int]:
     ds_config = ds.build_ds_config(
         micro_batch=micro, grad_accum=accum, world=world, precision=cfg.precision, zero_stage=cfg.zero.stage,
         offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
-        grad_clip=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, extra=cfg.deepspeed,
+        grad_clip=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+        comm_dtype=cfg.zero.comm_dtype, extra=cfg.deepspeed,
     )
     return ds_config, accum, global_batch
 
@@ -106,10 +106,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.model.init and resume_from is None:
         src = common.load_init_weights(model, cfg.model.init, cfg.zero.stage, tokenizer.hash)
         env.print0(f"initialised weights from {src}")
-    if t.compile:
-        model.compile()
-    engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=t.lr, betas=t.betas, eps=t.eps,
-                              optimizer=t.optimizer, momentum=t.momentum)
+    engine = common.train_engine(model, t, ds_config)  # compiled through the engine when train.compile
 
     train_sources = data_stage.resolve_sources(cfg.data.sources, tokenizer.hash)
     val_sources = data_stage.resolve_sources(cfg.data.val_sources, tokenizer.hash)

@@ -20,7 +20,8 @@ def test_zero_partitioning_and_offload_accounting():
     e0, e1, e2, e3 = (estimate(ARCH, zero_stage=s, **kw) for s in range(4))
     n = e0.weights / 2
     assert e0.optimizer == 12 * n and e1.optimizer == 12 * n / 8  # fp32 master + Adam moments, partitioned by ZeRO-1
-    assert e1.grads == 2 * n and e2.grads == 2 * n / 8  # gradients partitioned from ZeRO-2
+    assert e0.grads == 2 * n  # bf16 gradients without ZeRO (DeepSpeed accumulates them in bf16 there)
+    assert e1.grads == 4 * n and e2.grads == 4 * n / 8  # fp32-accumulated gradients, partitioned from ZeRO-2
     assert e2.weights == 2 * n and e3.weights == 2 * n / 8  # weights partitioned by ZeRO-3
     off = estimate(ARCH, zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
     assert off.optimizer == 0 and off.weights == 0 and off.host == e3.optimizer + e3.weights

@@ -32,7 +32,7 @@ def test_rolling_windows_score_every_token_once(n, ctx, stride):
 
 def test_shared_context_rows_equal_separate_scoring(eval_model):
     """Choices packed into one row behind their common context score as if each ran alone."""
-    model, tok, _ = load_model(str(eval_model["hf"]))
+    model, tok, _ = load_model(str(eval_model["hf"]), dtype="fp32")
     scorer = Scorer(model, tok, batch_size=4, progress=False)
     pairs = [("The function returns", c) for c in (" a list.", " None", " the sum of the items.", " x")]
     pairs += [("Open the file", " and read it."), ("Open the file", " for writing.")]
@@ -66,7 +66,8 @@ def test_batch_size_invariance(eval_model, tmp_path):
     docs.write_text("".join(json.dumps({"text": t[:900]}) + "\n" for _, t in zip(range(3), builtin_texts("validation"))))
     tasks = [str(eval_model["task"]), f"ppl:{docs}", str(_gen_task(tmp_path))]
     runs = {bs: evaluate(str(eval_model["hf"]), tasks, num_fewshot=2, batch_size=bs, truncate="left", context=32,
-                         stride=12, limit=16, log_samples=True, progress=False)["tasks"] for bs in (1, 8, 32)}
+                         stride=12, limit=16, dtype="fp32", log_samples=True, progress=False)["tasks"]
+            for bs in (1, 8, 32)}
     assert runs[1]["local_mc"]["n_samples"] == 16 and runs[1][f"ppl:{docs}"]["tokens_scored"] > 500
     assert runs[1] == runs[8] == runs[32]  # exact equality, not approximate
 
@@ -100,7 +101,8 @@ def test_generation_matches_transformers_greedy(eval_model, tmp_path):
     import transformers as tf
 
     hf_dir = _random_model(eval_model, tmp_path / "random")
-    res = evaluate(str(hf_dir), [str(_gen_task(tmp_path))], log_samples=True, progress=False)["tasks"]["gen"]
+    res = evaluate(str(hf_dir), [str(_gen_task(tmp_path))], dtype="fp32", log_samples=True,
+                   progress=False)["tasks"]["gen"]
     hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_tok = tf.AutoTokenizer.from_pretrained(hf_dir)
     ems, cut = [], 0
@@ -174,3 +176,68 @@ def test_cli_bad_input_exits_2_and_writes_results(eval_model, tmp_path):
     task = res["tasks"]["icl_sentiment"]
     assert task["num_fewshot"] == 2 and task["fewshot_seed"] == 1234 and len(task["samples"]) == 24
     assert len(task["samples"][0]["loglikelihoods"]) == 2
+
+
+def _docs(tmp_path, n=3, chars=900):
+    from data_pipeline.sources import builtin_texts
+
+    docs = tmp_path / "docs.jsonl"
+    texts = [t[:chars] for _, t in zip(range(n), builtin_texts("validation"))]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return docs
+
+
+def test_bf16_eval_is_close_to_fp32_and_recorded(eval_model, tmp_path, capsys):
+    """`llmstack-eval --dtype bf16`: perplexity within 1% (relative) of fp32, multiple-choice
+    log-likelihoods within 0.1 nats; the results JSON records dtype and device. Default on a
+    machine without a GPU: cpu and fp32, numbers as before."""
+    from eval.cli import main
+
+    docs = _docs(tmp_path)
+    tasks = [f"ppl:{docs}", str(eval_model["task"])]
+    out = tmp_path / "bf16.json"
+    assert main(["--model", str(eval_model["checkpoint"]), "--tasks", ",".join(tasks), "--num-fewshot", "2",
+                 "--truncate", "left", "--dtype", "bf16", "--device", "cpu", "--log-samples", "--no-progress",
+                 "--output", str(out)]) == 0
+    b16 = json.loads(out.read_text())
+    fp32 = evaluate(str(eval_model["checkpoint"]), tasks, num_fewshot=2, truncate="left", dtype="fp32", device="cpu",
+                    log_samples=True, progress=False)
+    assert (b16["config"]["dtype"], b16["config"]["device"]) == ("bf16", "cpu")
+    assert (fp32["config"]["dtype"], fp32["config"]["device"]) == ("fp32", "cpu")
+    assert b16["model_hash"] == fp32["model_hash"]  # the stored weights, whatever dtype they ran in
+    p16, p32 = b16["tasks"][f"ppl:{docs}"]["perplexity"], fp32["tasks"][f"ppl:{docs}"]["perplexity"]
+    assert p16 != p32 and abs(p16 / p32 - 1) < 0.01, (p16, p32)
+    for s16, s32 in zip(b16["tasks"]["local_mc"]["samples"], fp32["tasks"]["local_mc"]["samples"]):
+        assert s16["loglikelihoods"] == pytest.approx(s32["loglikelihoods"], abs=0.1)
+    if not torch.cuda.is_available():  # auto = cpu + fp32: exactly the fp32 numbers
+        auto = evaluate(str(eval_model["checkpoint"]), tasks, num_fewshot=2, truncate="left", log_samples=True,
+                        progress=False)
+        assert (auto["config"]["dtype"], auto["config"]["device"]) == ("fp32", "cpu")
+        assert auto["tasks"] == fp32["tasks"]
+
+
+def test_cli_device_and_dtype_errors_exit_2(eval_model, capsys):
+    from eval.cli import main
+
+    cases = [(["--device", "cpu", "--dtype", "fp16"], "error: --dtype fp16 needs a CUDA device")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "error: --device cuda: no CUDA device is available"))
+    for extra, needle in cases:
+        assert main(["--model", str(eval_model["hf"]), "--tasks", "demo_mc", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(needle) and err.count("\n") == 1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_eval_matches_cpu(eval_model, tmp_path):
+    """On a GPU: fp32 perplexity equals the CPU's to 1e-4 (relative), bf16 (the default there) to 1%."""
+    docs = _docs(tmp_path)
+    task = f"ppl:{docs}"
+    run = lambda **kw: evaluate(str(eval_model["checkpoint"]), [task], progress=False, **kw)  # noqa: E731
+    cpu = run(device="cpu", dtype="fp32")
+    gpu32, auto = run(device="cuda", dtype="fp32"), run()
+    assert (auto["config"]["device"], auto["config"]["dtype"]) == ("cuda:0", "bf16")
+    want = cpu["tasks"][task]["perplexity"]
+    assert gpu32["tasks"][task]["perplexity"] == pytest.approx(want, rel=1e-4)
+    assert auto["tasks"][task]["perplexity"] == pytest.approx(want, rel=1e-2)

@@ -39,7 +39,7 @@ def test_multiple_choice_matches_harness(eval_model, harness_hf):
     ref, ref_lls, _, _ = harness_hf
     for model in (eval_model["hf"], eval_model["checkpoint"]):
         res = evaluate(str(model), [str(eval_model["task"])], num_fewshot=SHOTS, bos=False, truncate="left",
-                       log_samples=True, progress=False)["tasks"]["local_mc"]
+                       dtype="fp32", log_samples=True, progress=False)["tasks"]["local_mc"]
         assert res["n_samples"] == len(ref_lls) == 24
         assert res["acc"] == ref["acc,none"] and res["acc_norm"] == ref["acc_norm,none"]
         assert res["acc_stderr"] == pytest.approx(ref["acc_stderr,none"], rel=1e-9)
@@ -55,7 +55,7 @@ def test_harness_adapter_runs_harness_tasks_on_our_checkpoint(eval_model, harnes
 
     import eval.harness  # noqa: F401 (registers the model)
 
-    out = lm_eval.simple_evaluate(model="llmstack", model_args=f"checkpoint={eval_model['checkpoint']}",
+    out = lm_eval.simple_evaluate(model="llmstack", model_args=f"checkpoint={eval_model['checkpoint']},dtype=fp32",
                                   tasks=["local_mc", "local_roll"], num_fewshot=SHOTS, batch_size=4, log_samples=True,
                                   task_manager=TaskManager(include_path=str(eval_model["task_dir"])))
     ref, ref_lls, ref_roll, _ = harness_hf
@@ -72,7 +72,7 @@ def test_rolling_and_target_loglikelihood_tasks_match_harness(eval_model, harnes
     loglikelihood task (acc: greedy decoding gives the last word; perplexity) as the harness."""
     ref_roll, ref_last = harness_hf[2], harness_hf[3]
     res = evaluate(str(eval_model["checkpoint"]), [str(eval_model["rolling_task"]), str(eval_model["lastword_task"])],
-                   num_fewshot=SHOTS, truncate="left", progress=False)["tasks"]
+                   num_fewshot=SHOTS, truncate="left", dtype="fp32", progress=False)["tasks"]
     for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert res["local_roll"][m] == pytest.approx(ref_roll[f"{m},none"], rel=1e-5), m
     assert res["local_lastword"]["acc"] == ref_last["acc,none"]
@@ -98,7 +98,7 @@ def test_perplexity_equals_transformers(eval_model, tmp_path):
     short = ["Return the sum.", "Open a file."]
     stream = [t for s in short for t in tok.encode(s) + [tok.eos_id]]
     assert len(stream) <= 64
-    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, short)}"], context=64, progress=False)
+    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, short)}"], context=64, dtype="fp32", progress=False)
     got = next(iter(res["tasks"].values()))
     with torch.no_grad():
         ids = torch.tensor([stream])
@@ -113,7 +113,8 @@ def test_perplexity_equals_transformers(eval_model, tmp_path):
 
     long_doc = next(t for t in builtin_texts("validation") if len(tok.encode(t)) > 300)[:500]  # ~130 tokens
     ids = tok.encode(long_doc) + [tok.eos_id]
-    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, [long_doc])}"], context=24, stride=7, progress=False)
+    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, [long_doc])}"], context=24, stride=7, dtype="fp32",
+                   progress=False)
     got = next(iter(res["tasks"].values()))
     nll, n = 0.0, 0
     with torch.no_grad():
