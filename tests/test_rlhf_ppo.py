@@ -25,7 +25,7 @@ PPO_TINY = [
 ]
 RULE = ["reward.init=null", "reward.function=llmstack.rlhf.rewards:contains", "reward.kwargs={target: an}"]
 LOGGED = ("reward", "kl", "entropy", "clipfrac", "value_loss", "approx_kl", "response_len", "time_generate",
-          "time_score", "time_train", "loss", "lr", "tokens_per_s", "kl_coef")
+          "time_score", "time_train", "loss", "lr", "tokens_per_s", "kl_coef", "logp_gap_train", "logp_gap_decoder")
 
 
 def ppo_cmd(tmp, tokenizer_dir, name, *extra, steps=STEPS, nprocs=1):
@@ -64,6 +64,8 @@ def test_rule_reward_rises_with_bounded_kl(rule_run):
     assert abs(rows[0]["kl"]) < 1e-4  # the first rollout comes from the reference itself
     for key in LOGGED:
         assert all(key in r for r in rows), key
+    # the rollout log-probs are the first training forward's (scored in the same mini-batches)
+    assert all(r["logp_gap_train"] <= 1e-6 and r["logp_gap_decoder"] == 0.0 for r in rows)
     summary = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("done: "))
     assert summary["reward_last"] > summary["reward_first"]
 
@@ -94,6 +96,31 @@ def test_actor_checkpoint_is_a_plain_gpt(rule_run):
     assert len(out[0]) == 4
     _, cinfo, cstate = read_weights(run_dir / "checkpoints/critic/latest")
     assert cinfo["head"] == "scalar" and "head.weight" in cstate
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decoding_copy_is_the_actor_in_its_dtype(tie):
+    """The ZeRO-3 decoding copy: the actor's dtype (bf16 here, not fp32), tied weights still tied,
+    and after copy_full_weights (module by module) the actor's exact values."""
+    import torch
+
+    from llmstack.dist.deepspeed import copy_full_weights
+    from llmstack.models.gpt import GPTConfig
+    from llmstack.models.heads import PolicyLM
+    from llmstack.stages.ppo import decoding_copy
+
+    arch = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=16, max_seq_len=32, tie_embeddings=tie)
+    torch.manual_seed(0)
+    actor = PolicyLM(arch)
+    actor.init_weights()
+    actor = actor.bfloat16()
+    decoder = decoding_copy(arch, actor, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in decoder.parameters())
+    assert (decoder.lm_head.weight is decoder.wte.weight) == tie
+    copy_full_weights(actor, decoder, 0)
+    want, got = actor.state_dict(), decoder.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_mismatched_tokenizer_is_refused():

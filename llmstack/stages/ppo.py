@@ -7,9 +7,13 @@ plain module otherwise). One PPO step:
 
 1. generate: each process samples responses to its share of the prompts with the KV-cache
    decoder (generate.py), straight from the actor's weights (ZeRO 0-2: the same tensors, no
-   copy; ZeRO-3: one gathered copy per rollout, not a gather per token); stop at <|end|> / EOS.
-2. score: actor (old) and reference log-probs of the response tokens, critic values, and the
-   score of each conversation (reward model at its last token, or reward.function on the text).
+   copy; ZeRO-3: a plain copy in the training dtype, refilled once per rollout by gathering one
+   module at a time, not a gather per token); stop at <|end|> / EOS.
+2. score: actor (old) and reference log-probs of the response tokens and critic values, in the
+   first epoch's mini-batches (so the old log-probs are bit for bit those of the first training
+   forward: logged as logp_gap_train), and the score of each conversation (reward model at its
+   last token, or reward.function on the text). Log-probs never form the (B, R, V) logits
+   (models/heads.py token_logprobs: row chunks, fp32 log-softmax per chunk).
 3. train: per-token rewards -kl_coef * KL + score at the last token, GAE, whitened advantages;
    ppo.epochs passes of mini-batches (train.micro_batch rows): clipped policy loss (- entropy
    bonus) on the actor, clipped value loss on the critic; then the adaptive KL update.
@@ -86,7 +90,8 @@ def engine_ds_config(cfg: PPOConfig, zero, rows: int, world: int, lr: float) -> 
     return ds.build_ds_config(micro_batch=rows, grad_accum=1, world=world, precision=cfg.precision,
                               zero_stage=zero.stage, offload_optimizer=zero.offload_optimizer,
                               offload_params=zero.offload_params, grad_clip=t.grad_clip, lr=lr, betas=t.betas,
-                              eps=t.eps, weight_decay=t.weight_decay, extra=cfg.deepspeed)
+                              eps=t.eps, weight_decay=t.weight_decay, comm_dtype=zero.comm_dtype,
+                              extra=cfg.deepspeed)
 
 
 class Scorer:
@@ -172,7 +177,7 @@ def run(cfg: PPOConfig) -> dict:
         scorer = Scorer(fn=reward_function(cfg.reward.function), kwargs=cfg.reward.kwargs, tokenizer=tokenizer)
     # ZeRO-3 partitions the actor: rollouts decode from one gathered copy per step
     zero3 = cfg.actor.zero.stage == 3
-    decoder = PolicyLM(actor_arch).to(env.device()).eval().requires_grad_(False) if zero3 else actor_engine.module
+    decoder = decoding_copy(actor_arch, actor_engine.module, env.device()) if zero3 else actor_engine.module
 
     # -- data --------------------------------------------------------------------------------
     prompts, prompt_texts, errors = load_prompts(cfg.data.sources, tokenizer, cfg.data.max_prompt_len,
@@ -253,6 +258,41 @@ def run(cfg: PPOConfig) -> dict:
     return summary
 
 
+def decoding_copy(arch, actor: torch.nn.Module, device) -> PolicyLM:
+    """The plain model that a ZeRO-3 actor's rollouts decode from (ds.copy_full_weights fills it
+    at each step): made once, on `device`, in the dtype the actor trains in, so a bf16 run keeps a
+    bf16 copy (half an fp32 one) that holds the very weights the training forward uses. Built on
+    the meta device and allocated in that dtype: no fp32 instance exists even briefly."""
+    dtype = next(actor.parameters()).dtype  # (a partitioned ZeRO-3 parameter keeps its dtype)
+    with torch.device("meta"):
+        model = PolicyLM(arch).to(dtype)
+    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # where each parameter is registered
+    for m in model.modules():
+        for n, p in m.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((m, n))
+    model.to_empty(device=device)
+    for (m0, n0), *others in places.values():  # to_empty gives every place its own tensor: tie them again
+        for m, n in others:
+            setattr(m, n, getattr(m0, n0))
+    return model.eval().requires_grad_(False)
+
+
+def minibatches(order: torch.Tensor, mask: torch.Tensor, prompt_len: int, size: int) -> list[tuple[torch.Tensor, int]]:
+    """One epoch's mini-batches: (row indices, columns to keep), `size` rows each in `order`; the
+    columns end with the longest response among those rows (columns that are padding in every
+    row are dropped)."""
+    out = []
+    for s in range(0, len(order), size):
+        mb = order[s:s + size].to(mask.device)
+        out.append((mb, prompt_len + max(1, int(mask[mb].sum(-1).max()))))
+    return out
+
+
+def max_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """max |a - b| over the positions where mask is 1 (0.0 when there are none)."""
+    return float((a.float() - b.float()).abs().masked_fill(mask == 0, 0.0).max()) if a.numel() else 0.0
+
+
 def ppo_step(cfg: PPOConfig, step: int, prompts: list[list[int]], texts: list[str], actor, critic, reference,
              scorer: Scorer, decoder, zero3: bool, kl_ctl, moments, end_ids, pad: int) -> dict:
     """One rollout batch and its PPO updates on this process; returns the step's metrics (all ranks)."""
@@ -275,10 +315,26 @@ def ppo_step(cfg: PPOConfig, step: int, prompts: list[list[int]], texts: list[st
     ids, valid, mask, P = batch["ids"], batch["valid"], batch["response_mask"], batch["prompt_len"]
     stopped = torch.tensor([bool(x) and x[-1] in end_ids for x in responses], device=dev)
     contents = [x[:-1] if s else x for x, s in zip(responses, stopped.tolist())]
+    order_gen = torch.Generator().manual_seed(cfg.seed + step)
+    epochs = [minibatches(torch.randperm(ids.shape[0], generator=order_gen), mask, P, t.micro_batch)
+              for _ in range(p.epochs)]
     with torch.no_grad():
-        old_lp, _ = rollout.response_logprobs(actor, ids, valid, P, temperature=r.temperature)
-        ref_lp, _ = rollout.response_logprobs(reference, ids, valid, P, temperature=r.temperature)
-        old_values = rollout.response_values(critic, ids, valid, P)
+        # Scored in the first epoch's mini-batches, each forward shaped as that epoch's training
+        # forward of the same rows: until the first update the rollout log-probs are the training
+        # forward's own, bit for bit (same engine, weights and inputs), so the first ratios are
+        # exactly 1 in any precision. It also bounds the activations to one mini-batch.
+        old_lp, ref_lp, old_values = (torch.zeros_like(mask) for _ in range(3))
+        for mb, cols in epochs[0]:
+            rows = (ids[mb, :cols], valid[mb, :cols], P)
+            old_lp[mb, :cols - P] = rollout.response_logprobs(actor, *rows, temperature=r.temperature)[0]
+            ref_lp[mb, :cols - P] = rollout.response_logprobs(reference, *rows, temperature=r.temperature)[0]
+            old_values[mb, :cols - P] = rollout.response_values(critic, *rows)
+        gap_decoder = 0.0  # ZeRO 0-2: the decoder is the actor's module itself
+        if zero3:  # the decoding copy against the partitioned actor, on the first mini-batch
+            mb, cols = epochs[0][0]
+            dec_lp, _ = rollout.response_logprobs(decoder, ids[mb, :cols], valid[mb, :cols], P,
+                                                  temperature=r.temperature)
+            gap_decoder = max_gap(dec_lp, old_lp[mb, :cols - P], mask[mb, :cols - P])
         score = scorer(prompts, texts, contents)
         raw = score - p.missing_stop_penalty * (~stopped).float()  # the reward PPO maximises
         if p.reward_norm:
@@ -295,17 +351,13 @@ def ppo_step(cfg: PPOConfig, step: int, prompts: list[list[int]], texts: list[st
     critic.train()
     sums: dict[str, float] = {}
     n_mb = 0
-    order_gen = torch.Generator().manual_seed(cfg.seed + step)
-    B = ids.shape[0]
-    for _ in range(p.epochs):
-        order = torch.randperm(B, generator=order_gen)
-        for s in range(0, B, t.micro_batch):
-            mb = order[s:s + t.micro_batch].to(dev)
-            m = mask[mb]
-            cols = P + max(1, int(m.sum(-1).max()))  # drop response columns that are padding in every row
-            mb_ids, mb_valid, m = ids[mb, :cols], valid[mb, :cols], m[:, :cols - P]
+    for epoch in epochs:
+        for mb, cols in epoch:
+            mb_ids, mb_valid, m = ids[mb, :cols], valid[mb, :cols], mask[mb, :cols - P]
             lp, ent = rollout.response_logprobs(actor, mb_ids, mb_valid, P, temperature=r.temperature,
                                                 with_entropy=True)
+            if n_mb == 0:  # before the first update: the rollout log-probs must be these
+                gap_train = max_gap(lp.detach(), old_lp[mb, :cols - P], m)
             pl, pstats = policy_loss(lp, old_lp[mb, :cols - P], adv[mb, :cols - P], m, p.clip)
             entropy = A.masked_mean(ent, m)
             actor.backward(pl - p.entropy_coef * entropy)
@@ -334,6 +386,10 @@ def ppo_step(cfg: PPOConfig, step: int, prompts: list[list[int]], texts: list[st
     record = {k: float(v) for k, v in zip(keys, mean)}
     record["loss"] = record["policy_loss"]
     record["kl_coef"] = kl_ctl.value
+    # max |logp_rollout - logp| over response tokens, the largest on any rank: against the training
+    # forward before the first update (0 by construction), and against the decoding copy
+    gaps = env.all_gather_object((gap_train, gap_decoder))
+    record["logp_gap_train"], record["logp_gap_decoder"] = (max(g[i] for g in gaps) for i in range(2))
     kl_ctl.update(record["kl"], r.batch * world)
     tokens = env.all_reduce_sum(torch.tensor(float(valid.sum()), dtype=torch.float64, device=dev))
     record["tokens_per_s"] = float(tokens) / max(t3 - t0, 1e-9)

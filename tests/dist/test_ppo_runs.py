@@ -39,6 +39,7 @@ def test_two_processes_train(two_proc_run):
     # step 1 samples from the starting weights: the actor equals the (partitioned) reference
     assert abs(rows[0]["kl"]) < 1e-4
     assert rows[-1]["kl"] > 0  # ... and the actor moved afterwards
+    assert all(r["logp_gap_train"] <= 1e-6 for r in rows)  # rollout log-probs = the first training forward's
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
 
 
