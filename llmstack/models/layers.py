@@ -261,7 +261,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, init and state dict) with faster few-row paths for CPU decoding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_inference_mode_enabled():
+        # (never while torch.compile traces: the inference-mode query would break the graph at
+        # every Linear and recompile per weight shape; compiled code is never the decoding path)
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and torch.is_inference_mode_enabled():
             rows = x.numel() // x.shape[-1]
             # (a ZeRO-3 partitioned weight, marked ds_id, is only whole inside its forward: no copy)
             if rows == 1 and _TRANSPOSED is not None and self.out_features >= 2 * self.in_features \
