@@ -9,7 +9,7 @@ from __future__ import annotations
 
 _CHUNK = 1 << 20
 ERROR_KINDS = ("invalid_utf8", "malformed_json", "missing_field", "empty_text", "empty_file",
-               "truncated", "corrupt", "unreadable")  # empty_text is skipped but never stops a run
+               "truncated", "corrupt", "unreadable", "too_long")  # empty_text is skipped but never stops a run
 
 
 class DataError(ValueError):
@@ -52,7 +52,10 @@ def location(path: str, loc: str, pos: int) -> str:
     here, only for the few locations a report shows.
     """
     if loc == "byte":
-        return f"{path}:{line_at(path, pos)}"
+        try:
+            return f"{path}:{line_at(path, pos)}"
+        except OSError:  # unreadable (permission denied): the byte offset is all there is
+            return f"{path} (byte {pos})"
     if loc == "line":
         return f"{path}:{pos + 1}"
     return f"{path} ({loc} {pos})"

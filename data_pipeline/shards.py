@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 from multiprocessing.pool import ThreadPool
 import os
 import struct
@@ -44,6 +45,10 @@ HEADER_BYTES = 256
 _HEADER = struct.Struct("<8sIIQQQ32s")
 MANIFEST = "manifest.json"
 FORMAT = "llmstack-shards"
+# Present in an output directory while `prepare` writes it; names the files there as ours when a
+# prepare is interrupted before its manifest (see `_claim_output`).
+PREPARING = ".llmstack-prepare-in-progress"
+_SHARD_NAME = re.compile(r"shard_\d{5,}\.bin(\.tmp)?")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -297,14 +302,16 @@ def prepare(sources: list[Source], out: str | os.PathLike, tokenizer_path: str, 
 
     ``workers`` processes run in parallel (1: in this process). The output is identical for
     any number of workers. ``report`` receives a progress line (tokens, tokens/s) every 10 s.
+    ``out`` must lie apart from every input (`check_output_apart`); of its contents only the
+    files of an earlier prepare are replaced (`_claim_output`), other files are left alone.
     """
     from data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     out = Path(out)
+    check_output_apart(out, sources)
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("shard_*.bin")) + list(out.glob("shard_*.bin.tmp")) + [out / MANIFEST]:
-        old.unlink(missing_ok=True)  # a re-prepare replaces the previous one entirely
+    _claim_output(out)
     jobs = [_Job(sources, str(out), tokenizer_path, docs_per_shard, w, workers, on_error) for w in range(workers)]
     t0 = time.perf_counter()
     counter = mp.get_context("fork").Value("q", 0)
@@ -344,7 +351,56 @@ def prepare(sources: list[Source], out: str | os.PathLike, tokenizer_path: str, 
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)  # the manifest appears last: a directory with one is complete
+    (out / PREPARING).unlink(missing_ok=True)
     return manifest
+
+
+def _local_paths(source: Source) -> list[Path]:
+    spec = source.spec[3:].split(":")[0] if source.spec.startswith("hf:") else source.spec
+    paths = [spec] if not spec.startswith("builtin") and os.path.exists(spec) else []
+    paths += [u.path for u in source.units if os.path.exists(u.path)]  # files of a glob, shards, caches
+    return [Path(p).resolve() for p in paths]
+
+
+def check_output_apart(out: Path, sources: list[Source]) -> None:
+    """DataError if the output directory is, is inside, or contains a local input of ``sources``:
+    preparing would then replace (or mix its shards into) the data it reads."""
+    where = out.resolve()
+    for s in sources:
+        for p in _local_paths(s):
+            if where == p or p in where.parents or where in p.parents:
+                raise DataError(f"data.out {out} {'is' if where == p else 'overlaps'} the input {p} (source "
+                                f"{s.spec}): write the shards to a directory apart from every source")
+
+
+def _claim_output(out: Path) -> None:
+    """Remove an earlier prepare's files from ``out``, and nothing that prepare did not write.
+
+    Ours: the shards a manifest of ours lists, and any shard file while the in-progress marker
+    (written here before anything is deleted, removed after the new manifest) says a prepare
+    was interrupted. A foreign manifest or shard files nothing names as ours are a DataError:
+    another tool's data, or shards of unknown origin, are never deleted or mixed with ours.
+    """
+    ours: set[str] = set()
+    if (out / MANIFEST).exists():
+        try:
+            manifest = read_manifest(out)
+        except DataError:
+            raise DataError(f"data.out {out} holds a {MANIFEST} that is not an llmstack shard manifest: "
+                            "choose another directory") from None
+        ours = {e["file"] for e in manifest.get("shards", []) if _SHARD_NAME.fullmatch(str(e.get("file")))}
+    interrupted = (out / PREPARING).is_file()
+    # only names our writers use can collide with the new shards; other files are left alone
+    found = sorted(p.name for p in out.iterdir() if _SHARD_NAME.fullmatch(p.name))
+    if strays := [n for n in found if not (out / n).is_file() or (n not in ours and not interrupted)]:
+        more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
+        raise DataError(f"data.out {out} holds {strays[0]}{more}, which no manifest of an earlier prepare lists; "
+                        f"remove {'them' if more else 'it'} or choose another directory (shards of unknown origin "
+                        "are not overwritten)")
+    (out / PREPARING).write_text(json.dumps({"format": FORMAT, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    (out / MANIFEST).unlink(missing_ok=True)  # first: without it the directory reads as incomplete
+    for name in found:
+        (out / name).unlink()
 
 
 def inspect(path: str | os.PathLike, top: int = 20) -> dict:

@@ -34,7 +34,7 @@ stopped, after every readable record has been yielded. The caller either counts 
 
 from __future__ import annotations
 
-import glob as _glob
+import fnmatch
 import json
 import os
 import zlib
@@ -51,6 +51,10 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _GLOB_CHARS = set("*?[")
 _CHUNK = 1 << 20
 PART_BYTES = 1 << 16  # a .txt file is one document up to twice this size, else parts of 1-2x this
+# A JSONL line longer than this is not read into memory: it is skipped and counted (too_long), or
+# stops the run with on_error=fail. A real document is far smaller; a file without newlines (a
+# binary or a one-line dump) would otherwise be held whole, then parsed and tokenized as one.
+MAX_RECORD_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +62,10 @@ PART_BYTES = 1 << 16  # a .txt file is one document up to twice this size, else 
 
 
 def decode_json_line(raw: bytes, text_field: str) -> str:
-    """The text of one JSONL line; BadRecord for invalid UTF-8, bad JSON, a missing field."""
+    """The text of one JSONL line; BadRecord for invalid UTF-8, bad JSON, a missing field, or a
+    line over the record size cap (read as a BadRecord, see :func:`_split_lines`)."""
+    if isinstance(raw, BadRecord):
+        raise raw
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,6 +101,7 @@ class Unit:
     path: str
     text_field: str = "text"
     size: int = 0  # seekable units: positions run over [0, size)
+    max_record_bytes: int = MAX_RECORD_BYTES  # JSONL lines: longer ones are bad records (too_long)
 
     seekable = True
     loc = "byte"
@@ -115,26 +123,50 @@ class Unit:
         return [type(self).__name__, self.path, self.size]
 
 
-def _split_lines(chunks: Iterator[bytes], start_pos: int, by_line: bool) -> Iterator[tuple[int, bytes]]:
+def _split_lines(chunks: Iterator[bytes], start_pos: int, by_line: bool,
+                 max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes | BadRecord]]:
     """Lines of a byte stream with their position (byte offset, or line index if by_line).
 
-    Blank lines are skipped but still advance the position. If ``chunks`` raises FileFault (a
-    truncated stream), the partial line is dropped and the fault is re-raised at its position.
+    Blank lines are skipped but still advance the position. A line longer than ``max_bytes`` is
+    not kept: a BadRecord ("too_long") stands in its place. Time is linear in the input: each
+    chunk is split once, and a line spanning chunks is kept as a list of pieces joined once it
+    ends (appending each chunk to one growing buffer and splitting it again was quadratic in the
+    length of a line). If ``chunks`` raises FileFault (a truncated stream), the partial line is
+    dropped and the fault is re-raised at its position.
     """
-    pos, buf = start_pos, b""
+    pos = start_pos
+    parts: list[bytes] = []  # pieces of the line not yet ended (empty once it is too long)
+    size = 0  # bytes of that line so far
+
+    def ended(tail: bytes):
+        if size > max_bytes:
+            return BadRecord("too_long", f"line of {size:,} bytes is longer than the record size limit "
+                                         f"(data.max_record_bytes={max_bytes:,})")
+        line = b"".join(parts) + tail if parts else tail
+        return line if line.strip() else None
+
     try:
         for chunk in chunks:
-            buf += chunk
-            lines = buf.split(b"\n")
-            buf = lines.pop()
-            for line in lines:
-                if line.strip():
-                    yield pos, line
-                pos += 1 if by_line else len(line) + 1
+            lines = chunk.split(b"\n")
+            for line in lines[:-1]:  # each ends the line in progress
+                size += len(line)
+                got = ended(line)
+                if got is not None:
+                    yield pos, got
+                pos += 1 if by_line else size + 1
+                parts, size = [], 0
+            tail = lines[-1]
+            size += len(tail)
+            if size <= max_bytes:
+                parts.append(tail)
+            else:
+                parts = []
     except FileFault as e:
         raise FileFault(e.kind, pos, e.detail) from None
-    if buf.strip():
-        yield pos, buf
+    if size:
+        got = ended(b"")
+        if got is not None:
+            yield pos, got
 
 
 @dataclass
@@ -204,11 +236,26 @@ class TextFile(Unit):
 
 
 def _has_text(path: str) -> bool:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            if chunk.strip():
-                return True
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                if chunk.strip():
+                    return True
+    except OSError as e:  # e.g. permission denied: the file is unreadable, not empty
+        raise FileFault("unreadable", 0, f"cannot read: {e.strerror or e}") from None
     return False
+
+
+def _rest_of_line(f) -> int:
+    """Bytes from the file position to just past the next newline (or to the end), read in
+    chunks: ``readline`` would hold a whole over-long line in memory."""
+    n = 0
+    while chunk := f.read(1 << 16):
+        i = chunk.find(b"\n")
+        if i >= 0:
+            return n + i + 1
+        n += len(chunk)
+    return n
 
 
 @dataclass
@@ -224,14 +271,14 @@ class PlainFile(Unit):
                     if start > 0:  # a line that began in the previous region belongs to it
                         f.seek(start - 1)
                         if f.read(1) != b"\n":
-                            start += len(f.readline())
+                            start += _rest_of_line(f)
                     f.seek(start)
 
                     def chunks():  # small reads: one buffer per stream, and streams are many
                         while chunk := f.read(1 << 16):
                             yield chunk
 
-                    for pos, line in _split_lines(chunks(), start, by_line=False):
+                    for pos, line in _split_lines(chunks(), start, by_line=False, max_bytes=self.max_record_bytes):
                         if pos >= end:
                             break
                         found = True
@@ -300,7 +347,7 @@ class CompressedFile(Unit):
     def records(self, start=0, end=None, first=True):
         found = False
         try:
-            for pos, line in _split_lines(_decompressed(self.path), 0, by_line=True):
+            for pos, line in _split_lines(_decompressed(self.path), 0, by_line=True, max_bytes=self.max_record_bytes):
                 found = True
                 if pos >= start:
                     yield pos, line
@@ -447,6 +494,83 @@ def _file_unit(path: str, text_field: str) -> Unit:
                     "directory, hf:NAME[:CONFIG]:SPLIT, builtin)")
 
 
+def _listdir(d: str) -> list[str]:
+    """Names in directory d (none if it does not exist); DataError if it cannot be listed."""
+    try:
+        return sorted(os.listdir(d or "."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise DataError(f"cannot list directory {d or '.'}: {e.strerror or e}") from None
+
+
+def _dir_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows symlinks: the directory itself
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _expand(d: str, segs: list[str], inside: frozenset) -> Iterator[str]:
+    """Paths under directory d matching the pattern segments (glob rules: wildcards do not
+    match names starting with a dot unless the segment does; ``**`` spans zero or more
+    directories). ``inside``: the directories on the way here; ``**`` does not enter one of
+    them again (a symlink loop)."""
+    if not segs:
+        yield d
+        return
+    seg, rest = segs[0], segs[1:]
+    if seg == "**":
+        key = _dir_key(d or ".")
+        inside = inside | {key} if key else inside
+        if rest:
+            yield from _expand(d, rest, inside)  # zero directories
+        for name in _listdir(d):
+            if name.startswith("."):
+                continue
+            p = os.path.join(d, name)
+            if os.path.isdir(p):
+                key = _dir_key(p)
+                if key is not None and key not in inside:
+                    yield from _expand(p, segs, inside | {key})
+            elif not rest:
+                yield p
+    elif not any(c in _GLOB_CHARS for c in seg):
+        p = os.path.join(d, seg) if d else seg
+        if os.path.lexists(p):
+            yield from _expand(p, rest, inside)
+    else:
+        for name in _listdir(d):
+            if fnmatch.fnmatchcase(name, seg) and (seg.startswith(".") or not name.startswith(".")):
+                yield from _expand(os.path.join(d, name) if d else name, rest, inside)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files a glob matches (``**`` spans directories), sorted, each real file once.
+
+    Unlike ``glob.glob``, a directory on the way that cannot be listed is an error (DataError)
+    rather than silently passed over, ``**`` does not follow a symlink back into a directory it
+    is already inside (a loop made ``glob.glob`` list one file ~40 times, once per level until
+    the path got too long), and a file reached by several paths (symlinks) is listed once,
+    under the first of them in sorted order.
+    """
+    segs = pattern.split(os.sep)
+    root = ""
+    if pattern.startswith(os.sep):
+        root, segs = os.sep, segs[1:]
+    root_key = _dir_key(root or ".")
+    found = sorted(p for p in _expand(root, [x for x in segs if x], frozenset([root_key] if root_key else []))
+                   if os.path.isfile(p))
+    seen, out = set(), []
+    for p in found:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
 def _is_hf_disk(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
@@ -473,11 +597,12 @@ def _hf_units(rest: str, text_field: str) -> list[Unit]:
 
 
 def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
-                   tokenizer_hash: str | None = None) -> Source:
+                   tokenizer_hash: str | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> Source:
     """Resolve a spec to a :class:`Source` (files listed and sized now, read later).
 
     ``tokenizer_hash``: shards made with another tokenizer are refused (DataError). Missing files
-    raise FileNotFoundError; other bad specs raise DataError.
+    raise FileNotFoundError; other bad specs raise DataError. ``max_record_bytes``: JSONL lines
+    longer than this are bad records (too_long).
     """
     from data_pipeline import shards
 
@@ -496,7 +621,7 @@ def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
         else:
             raise DataError(f"{path} is a directory but neither token shards (manifest.json) nor a saved dataset")
     elif any(c in _GLOB_CHARS for c in path):
-        files = sorted(f for f in _glob.glob(path, recursive=True) if os.path.isfile(f))
+        files = glob_files(path)
         if not files:
             raise FileNotFoundError(f"no files match {path}")
         units = [_file_unit(f, text_field) for f in files]
@@ -504,6 +629,8 @@ def resolve_source(path: str, text_field: str = "text", weight: float = 1.0,
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
         units = [_file_unit(path, text_field)]
+    for unit in units:
+        unit.max_record_bytes = max_record_bytes
     return Source(path, weight, text_field, units)
 
 

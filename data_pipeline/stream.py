@@ -59,6 +59,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -127,6 +128,15 @@ def fresh_state(n_sources: int) -> dict:
 
 def _identity(x):
     return x
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: a scheduler signals every process of a job,
+    and a worker killed by it would fail the training process (DataLoader reports the dead
+    worker) while it finishes its step and saves its checkpoint. The training process stops its
+    workers when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class RankStream(IterableDataset):
@@ -314,6 +324,7 @@ class Loader:
             # others up unless they may run ahead: let each buffer ~4 windows of each of its streams.
             per_worker = V // world // num_workers
             self._chunks = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                                           worker_init_fn=_ignore_stop_signals,
                                            prefetch_factor=max(2, 4 * per_worker // CHUNK_ITEMS)))
             # not a method of self: a generator holding self would make a reference cycle, and a
             # cycle's collection may close the worker queues before DataLoader can stop its workers

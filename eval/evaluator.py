@@ -25,7 +25,7 @@ from eval.engine import Scorer, rolling_rows
 from eval.taskspec import load_spec, prepare
 from llmstack.dist import env
 from llmstack.errors import UsageError
-from llmstack.generate import DTYPE_NAMES, place_model, resolve_placement
+from llmstack.generate import DTYPE_NAMES, check_vocab, place_model, resolve_placement
 
 
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str | torch.dtype = "auto",
@@ -45,6 +45,7 @@ def _load_cpu(path: str, tokenizer_path: str | None):
     if not Path(path).exists():
         raise UsageError(f"model not found: {path}")
     model, tokenizer, info = load_for_inference(path, tokenizer_path)
+    check_vocab(tokenizer, info, path)
     family = info.get("model_family", "gpt")
     if family != "gpt":
         raise UsageError(f"{path} is a {family} model: llmstack-eval scores decoder-only (gpt) models")

@@ -16,9 +16,9 @@ A spec names a dataset and how a document becomes a prompt:
     metric_list: [{metric: acc}, {metric: acc_norm}]
 
 Field values follow the harness: a string that names a field of the document is that field,
-anything else is rendered as a Jinja template with undefined names an error (filter
-`regex_replace` available); a rendered target or text that is all digits is an index when the
-task has choices, a rendered "[...]" a list. A prompt is: description, then for each few-shot
+anything else is rendered as a Jinja template, sandboxed (Python internals out of reach), with
+undefined names an error (filter `regex_replace` available); a rendered target or text that is
+all digits is an index when the task has choices, a rendered "[...]" a list. A prompt is: description, then for each few-shot
 example text + target_delimiter + answer + fewshot_delimiter, then the document's text.
 Few-shot examples are drawn per document, in document order, by one `random.Random(seed)`
 (`rnd.sample(pool, k)`, the harness's sampler, so the same seed gives the same prompts); when
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 import random
 import re
@@ -162,14 +163,36 @@ def load_spec(name_or_path: str) -> tuple[TaskSpec, Path]:
 
 # -- datasets ---------------------------------------------------------------------------------
 def _read_local(path: Path, kind: str, task: str) -> list[dict]:
+    """The documents of a local .json (an array, or one object per line), .jsonl or .csv file.
+    Anything unreadable (permissions, invalid UTF-8, malformed JSON or CSV, a non-object
+    document) is a UsageError naming the task and file:line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"task {task}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise UsageError(f"task {task}: {path}:{line}: invalid UTF-8 (byte {col} of the line); task data must be "
+                         "UTF-8") from None
     if kind == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    text = path.read_text(encoding="utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return list(reader)
+        except csv.Error as e:
+            raise UsageError(f"task {task}: {path}:{reader.line_num}: malformed CSV ({e})") from None
     if kind == "json" and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            docs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"task {task}: {path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        bad = next((i for i, d in enumerate(docs) if not isinstance(d, dict)), None)
+        if bad is not None:
+            raise UsageError(f"task {task}: {path}: element {bad} of the array is not a JSON object")
+        return docs
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
         if line.strip():
             try:
                 docs.append(json.loads(line))
@@ -221,9 +244,16 @@ _ENV = None
 def _env():
     global _ENV
     if _ENV is None:
-        from jinja2 import BaseLoader, Environment, StrictUndefined
+        from jinja2 import BaseLoader, StrictUndefined
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        _ENV = Environment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
+        # A task YAML is data from anywhere: its templates run sandboxed (no access to attributes
+        # like __class__ / __globals__, no mutating methods, bounded range), so a template cannot
+        # reach Python internals and run code. The helper globals are dropped too (cycler and
+        # joiner are classes, lipsum is unneeded); range, dict and namespace stay.
+        _ENV = ImmutableSandboxedEnvironment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
+        for name in ("cycler", "joiner", "lipsum"):
+            _ENV.globals.pop(name, None)
         _ENV.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
     return _ENV
 
@@ -241,9 +271,12 @@ def resolve(template, doc: dict, field: str, has_choices: bool):
     if template in doc:
         return doc[template]
     from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
 
     try:
         out = _env().from_string(template).render(**doc)
+    except SecurityError as e:
+        raise DocError(f"{field}: template refused: {e} (task templates run in a sandbox)") from None
     except TemplateError as e:
         raise DocError(f"{field}: {e} (the sample's fields: {', '.join(doc)})") from None
     except Exception as e:  # an expression in the template failed on this document

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from llmstack.errors import UsageError
+from llmstack.errors import Diverged, TrainingStopped, UsageError
 
 # seconds a rank that failed for another reason waits before exiting (see main)
 _PEER_EXIT_GRACE_S = 3.0
@@ -42,6 +42,13 @@ def _config_cmd(sub, name: str, help_: str, description: str, config_optional: b
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config (and DeepSpeed config) and exit")
     return p
+
+
+def _overwrite_arg(p, command: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace a non-empty --out, but only one written by `llmstack {command}` (nothing else in it: "
+                   "a run directory or checkpoints are refused); the new output is written beside it and swapped "
+                   "in when complete")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Gather a (possibly ZeRO-partitioned) checkpoint into OUT/model.safetensors "
                              "plus OUT/llmstack_model.json (architecture, tokenizer hash, step).")
     cons.add_argument("checkpoint", help="step_N dir, checkpoints/latest, or a run directory")
-    cons.add_argument("--out", required=True, help="output directory")
+    cons.add_argument("--out", required=True, help="output directory (must not exist or be empty; see --overwrite)")
+    _overwrite_arg(cons, "checkpoint consolidate")
     rs = ck_sub.add_parser("reshape", help="make a ZeRO checkpoint resumable on any number of processes",
                            description="Convert a ZeRO 1-3 checkpoint to DeepSpeed's universal format, written "
                            "beside it as <step_N>_universal/. Resume on any world size with "
@@ -130,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPT -> LlamaForCausalLM, BERT -> BertForMaskedLM, T5 -> T5ForConditionalGeneration. "
                         "An architecture with no Hugging Face equivalent is refused, naming the option.")
     ex.add_argument("checkpoint", help="step_N dir, checkpoints/latest, a run directory, or a consolidated/imported dir")
-    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--out", required=True, help="output directory (must not exist or be empty; see --overwrite)")
+    _overwrite_arg(ex, "export")
     ex.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the checkpoint)")
     ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default: %(default)s)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
@@ -141,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "llmstack_model.json and the tokenizer files. OUT is accepted by model.init, "
                         "`llmstack generate`, `llmstack-eval` and `llmstack export`.")
     im.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards, or pytorch_model.bin)")
-    im.add_argument("--out", required=True, help="output directory")
+    im.add_argument("--out", required=True, help="output directory (must not exist or be empty; see --overwrite)")
+    _overwrite_arg(im, "import")
 
     gen = sub.add_parser("generate", help="generate text from a GPT or T5 model (KV-cache decoding)",
                          description="Continue each --prompt with a GPT (or answer it with a T5) from a checkpoint, a "
@@ -220,18 +230,36 @@ def main(argv: list[str] | None = None) -> int:
         if every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os._exit(2)  # the peers wait in a collective: leave now, the launcher stops them
         return 2
+    except TrainingStopped as e:
+        # Divergence (3) or a stop signal (75): every rank decided it at the same step, after the
+        # last collective, so each ends the way a finished run does, with the run's own status.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}" if isinstance(e, Diverged) else str(e), file=sys.stderr, flush=True)
+        if "torch.distributed" in sys.modules:
+            from llmstack.dist import env
+
+            if entry:
+                env.exit_after_group(e.exit_code)
+            env.shutdown()
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or a fault: keep the traceback, and say which process it was
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
+        if "torch.distributed" in sys.modules:
+            from llmstack.dist import watchdog
+
+            watchdog.collective_failed(e)  # a timed-out collective: names the silent rank, exits
         import socket
         import traceback
 
         traceback.print_exc()
         print(f"error: rank {os.environ.get('RANK')} on host {socket.gethostname()} failed: "
               f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if "torch.distributed" in sys.modules:
+            watchdog.stop()  # this rank is going: its peers may say so at once, not after a timeout
         # Exit without process-group teardown (it would wait for peers that are themselves
         # waiting for this rank); the launcher then stops the others. Wait a little first: when a
         # peer stopped with exit 2 (bad input it alone met), this rank's error is only the lost
@@ -311,19 +339,21 @@ def _dispatch(args) -> int:
         if args.action == "reshape":
             print(f"wrote {checkpoint.reshape(args.checkpoint, args.out)}")
         else:
-            print(f"wrote {checkpoint.consolidate(args.checkpoint, args.out)}")
+            from llmstack.stages.export import consolidate
+
+            print(f"wrote {consolidate(args.checkpoint, args.out, overwrite=args.overwrite)}")
         return 0
     if args.command == "export":
         from llmstack.stages.export import export
 
         out = export(args.checkpoint, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
-                     max_shard_size=args.max_shard_size)
+                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
     if args.command == "import":
         from llmstack.stages.export import import_hf
 
-        print(f"wrote {import_hf(args.hf_dir, args.out)}")
+        print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
         return 0
     if args.command == "generate":
         from llmstack.stages import generation

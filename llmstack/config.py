@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmstack.errors import ConfigError
 from llmstack.models import FAMILIES, all_presets, family_of_preset
 
 
 class Strict(BaseModel):
-    """Base: unknown keys are errors, assignments are validated."""
+    """Base: unknown keys are errors, assignments are validated, numbers are finite (a learning
+    rate of .inf or .nan would only show up later as a diverged run)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Strict):
@@ -72,6 +73,9 @@ class DataConfig(Strict):
     shuffle_windows: int = Field(64, ge=1, description="each stream emits its sequences in seeded random order within "
                                  "blocks of this many (1: in document order)")
     docs_per_shard: int = Field(65536, ge=1, description="`data prepare`: documents per shard file")
+    max_record_bytes: int = Field(64 << 20, ge=1, description="pretraining and `data prepare`: a JSONL line longer "
+                                  "than this is a bad record (skipped and counted as too_long, or exit 2 with "
+                                  "on_error=fail) instead of being held in memory whole")
 
 
 class TokenizerConfig(Strict):
@@ -96,7 +100,7 @@ class TrainConfig(Strict):
     optimizer: Literal["adamw", "adam", "sgd", "adafactor", "lamb"] = "adamw"
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="optimizer=sgd: momentum")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss stays plain")
@@ -108,9 +112,20 @@ class TrainConfig(Strict):
     keep_last: int = Field(3, ge=1)
     resume: str = Field("auto", description="auto | none | a checkpoint path")
     stop_at: int | None = Field(None, ge=1, description="save and exit after this step (schedule still spans max_steps)")
+    max_skipped_steps: int = Field(3, ge=0, description="consecutive steps with a non-finite loss or gradient norm "
+                                   "that are skipped (no update) before the run stops with exit status 3")
     activation_checkpointing: bool = False
     compile: bool = False
     progress: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        # Adam's moment decay rates: 1 or more never forgets (and the bias correction divides by
+        # zero), a negative one flips signs
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each of the two betas must be in [0, 1)")
+        return v
 
 
 class ModelConfig(Strict):

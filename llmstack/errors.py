@@ -12,3 +12,33 @@ class UsageError(Exception):
 
 class ConfigError(UsageError):
     """A config file or override that does not fit the schema."""
+
+
+class RankError(UsageError):
+    """A user-facing error met by some ranks only (rank 0's failure that the others learn of, a
+    tokenizer one host cannot see): each rank that meets it prints it and exits 2 at once, since
+    its peers may be waiting for it (the launcher then stops them)."""
+
+    every_rank = True
+
+
+class TrainingStopped(Exception):
+    """A training run that ended early on purpose, every rank at the same step; the CLI prints the
+    message (no traceback) and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class Diverged(TrainingStopped):
+    """The loss or gradient norm stayed non-finite (train.max_skipped_steps), or the weights did:
+    exit status 3, no checkpoint of the bad state written."""
+
+    exit_code = 3
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM or SIGUSR1 asked the run to stop: it finished its step and saved a checkpoint.
+    Exit status 75 (EX_TEMPFAIL: run the same command again to continue); launch/slurm.sbatch
+    requeues the job on it."""
+
+    exit_code = 75

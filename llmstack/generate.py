@@ -322,6 +322,18 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def check_vocab(tokenizer, info: dict, where) -> None:
+    """A tokenizer whose ids the model cannot embed is refused (UsageError naming both sizes):
+    its larger ids would index past the embedding table (an IndexError mid-run). Only a
+    tokenizer given apart from the model (--tokenizer with a directory that records no
+    tokenizer hash) can get here; a recorded hash already rules the others out."""
+    model_vocab = (info.get("model") or {}).get("vocab_size")
+    if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
+        raise UsageError(f"the tokenizer at {tokenizer.path} has {tokenizer.vocab_size} tokens but the model {where} "
+                         f"embeds only {model_vocab}: its ids {model_vocab} and up have no embedding; use the "
+                         "tokenizer the model was trained with (--tokenizer)")
+
+
 def resolve_placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
                       ) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) from the --device / --dtype values (see resolve_device, resolve_dtype)."""

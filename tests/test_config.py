@@ -64,11 +64,26 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     ("precision=fp8", "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
     ("model.preset=gpt5", "unknown preset 'gpt5'"),
     ("zero.offload_params=true", "zero.offload_params needs zero.stage=3"),
+    ("train.betas=[2,-1]", "train.betas: each of the two betas must be in [0, 1)"),
+    ("train.betas=[0.9,1.0]", "train.betas: each of the two betas must be in [0, 1)"),
+    ("train.lr=.inf", "train.lr: Input should be a finite number"),
+    ("train.lr=.nan", "train.lr: Input should be a finite number"),
+    ("train.weight_decay=.inf", "train.weight_decay: Input should be a finite number"),
+    ("train.eps=0", "train.eps: Input should be greater than 0"),
+    ("data.max_record_bytes=0", "data.max_record_bytes: Input should be greater than or equal to 1"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(PretrainConfig, str(REPO / "configs/pretrain/gpt-tiny.yaml"), [override])
     assert needle in str(e.value)
+
+
+def test_ppo_refuses_train_compile():
+    # the actor decodes rollouts from its own module (KV cache, a new shape per token)
+    with pytest.raises(ConfigError, match="train.compile=true is not supported by `llmstack ppo`"):
+        load_config(SCHEMAS["ppo"], None, ["train.compile=true"])
+    for stage in ("pretrain", "sft", "rm", "dpo"):  # these compile through the engine
+        assert load_config(SCHEMAS[stage], None, ["train.compile=true"]).train.compile
 
 
 def run_cli(*args, cwd):
@@ -90,6 +105,21 @@ def test_cli_batch_arithmetic_exit_2(tmp_path):
     p = run_cli("pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), "train.global_batch=12", "--dry-run", cwd=tmp_path)
     assert p.returncode == 2
     assert "train.global_batch=12 is not divisible" in p.stderr
+
+
+def test_cli_fp16_without_a_gpu_exit_2_before_any_work(tmp_path):
+    """DeepSpeed has no fp16 training on CPU: refused at the start (it was a traceback after the
+    tokenizer, data and model had been built), and the run directory is not created."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 trains on this machine's GPU")
+    run_dir = tmp_path / "run"
+    p = run_cli("pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), "precision=fp16", f"run.dir={run_dir}",
+                f"tokenizer.path={tmp_path / 'no-tokenizer-yet'}", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "precision=fp16 is not supported" in p.stderr and "Traceback" not in p.stderr
+    assert not run_dir.exists() and not (tmp_path / "no-tokenizer-yet").exists()
 
 
 def test_dry_run_prints_resolved_and_deepspeed_config(tmp_path):

@@ -209,6 +209,22 @@ def _param_sources(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return sources
 
 
+def check_precision(precision: str) -> None:
+    """Refuse, before any work, a precision this machine's accelerator does not train in.
+
+    DeepSpeed has no fp16 training on CPU: its engine stopped with a ValueError traceback, after
+    the tokenizer, the data and the model had been built. Stages call this right after init.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        other = "bf16 or fp32" if precision == "fp16" and acc.is_bf16_supported() else "fp32"
+        raise UsageError(f"precision={precision} is not supported by DeepSpeed on this machine's {acc.device_name()} "
+                         f"accelerator (fp16 training needs a GPU); use precision={other}")
+
+
 def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *, lr, betas, eps,
                   optimizer: str = "adamw", momentum: float = 0.9, zero_stage: int | None = None):
     """A DeepSpeed engine around `model` with the named optimizer (train/optim.py).
@@ -224,6 +240,9 @@ def create_engine(model: nn.Module, param_groups: list[dict], ds_config: dict, *
     from llmstack.train import optim
 
     _quiet_deepspeed()
+    for precision in ("fp16", "bf16"):  # for stages that did not check at their start
+        if ds_config.get(precision, {}).get("enabled"):
+            check_precision(precision)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0) if zero_stage is None else zero_stage
     layered = optimizer in ("lamb", "adafactor")
     if layered and stage == 3:
@@ -348,9 +367,147 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+# --- skipping an update whose gradients are not finite (train/loop.py RunGuard) ---------------
+#
+# DeepSpeed's optimizer wrappers (ZeRO 1-3 in every precision, the bf16 and fp16 wrappers without
+# ZeRO) compute the global gradient norm at the accumulation boundary and, when it is inf or NaN,
+# skip the update: no parameter or optimizer state changes, gradients cleared, `overflow` set,
+# the engine's `was_step_applied()` False and its counters advanced as for any step. In fp16 the
+# loss scaler also skips steps whose scaled gradients overflow, as part of normal training. Only
+# fp32 without ZeRO runs the bare torch optimizer, which has no such check: there the caller
+# looks at the (already all-reduced) gradients itself and runs engine.step() under `no_update`.
+
+
+def skips_nonfinite_updates(engine) -> bool:
+    """Whether DeepSpeed itself skips an update whose global gradient norm is not finite."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+def uses_loss_scaler(engine) -> bool:
+    """fp16: skipped steps are also the loss scaler's normal overflow handling."""
+    return bool(engine.fp16_enabled())
+
+
+def step_applied(engine) -> bool:
+    """Whether the last engine.step() at an accumulation boundary updated the parameters."""
+    return bool(engine.was_step_applied())
+
+
+def grads_finite(engine) -> bool:
+    """Every gradient element finite (for the bare-optimizer case: full, all-reduced gradients,
+    the same on every rank). Synchronises with the device."""
+    flags = [torch.isfinite(p.grad).all() for p in engine.module.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+@contextlib.contextmanager
+def no_update(engine):
+    """engine.step() inside this block does its bookkeeping (step counters, clipping, zeroed
+    gradients) but the bare torch optimizer's step() does nothing: no parameter, moment or
+    step-count change. For engines where `skips_nonfinite_updates` is False. (Setting the
+    gradients to None instead would crash DeepSpeed's fp32 gradient clipping, which indexes the
+    first parameter that has one.)"""
+    opt = engine.optimizer
+    opt.step = lambda *args, **kwargs: None  # an instance attribute shadows the class's step()
+    try:
+        yield
+    finally:
+        del opt.step
+
+
+def params_finite(engine) -> bool:
+    """Whether every parameter element this rank holds is finite (its partition under ZeRO-3;
+    combine over ranks with a collective)."""
+    # one check per tensor (partitions may live on the host under parameter offload); only at saves
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint I/O of the engine (the atomic protocol around it is in train/checkpoint.py)
 # ---------------------------------------------------------------------------------------------
+
+
+_FORCE_WO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WO = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def checkpoint_safe_globals(deepspeed_state: bool = True) -> list:
+    """The non-tensor classes our checkpoint files may hold, allowed under `weights_only=True`.
+
+    Found by listing `torch.serialization.get_unsafe_globals_in_checkpoint` over checkpoints of
+    ZeRO 0-3 (fp32, bf16, optimizer and parameter offload, LoRA, one and two processes) and their
+    universal conversions: numpy arrays in the RNG states (rng_rank<R>.pt); DeepSpeed's ZeRO
+    stage enum, loss scaler and fragment addresses in its optimizer state files. fp16 runs (GPU
+    only) store a DynamicLossScaler instead, checked by pickling one. Each is plain data rebuilt from its
+    attributes (no `__reduce__` that runs code), which is what makes it safe to allow. The
+    DeepSpeed classes are imported (with deepspeed) only when `deepspeed_state` is asked for.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    # files written under numpy 1.x name the function by its old module
+    allowed: list = [np.ndarray, np.dtype, _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
+    # numpy >= 1.25 rebuilds a dtype through its class (numpy.dtypes.UInt32DType for the RNG key)
+    allowed += sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdg"}, key=lambda t: t.__name__)
+    if deepspeed_state:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    return allowed
+
+
+def _refusal(where, err: Exception) -> str:
+    import re
+
+    text = str(err)
+    if m := re.search(r"GLOBAL (\S+) was not an allowed global", text):
+        what = f"a reference to {m.group(1)}"
+    else:  # torch's own reason follows "WeightsUnpickler error:"
+        detail = [ln.strip() for ln in text.partition("WeightsUnpickler error:")[2].splitlines() if ln.strip()]
+        what = detail[0] if detail else text.strip().splitlines()[0]
+    return (f"refusing to load {where}: it holds Python objects other than weights ({what}); checkpoint files "
+            "are read with torch.load(weights_only=True) so that a crafted file cannot run code")
+
+
+@contextlib.contextmanager
+def weights_only_loads(where, *, deepspeed_state: bool = True, error: type[UsageError] = UsageError):
+    """Every `torch.load` inside the block, ours and DeepSpeed's (which passes weights_only=False
+    itself, e.g. in `engine.load_checkpoint` and zero_to_fp32), runs with weights_only=True and
+    only `checkpoint_safe_globals` allowed; a file that holds anything else (a pickle that would
+    run code when loaded) raises `error` naming `where` instead of being executed.
+
+    torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over an explicit weights_only=False, and reads it
+    at every call, so setting it here also covers worker processes started inside the block.
+    Not thread-safe (environment and allow-list are process-wide); checkpoint I/O is not threaded.
+    """
+    import os
+    import pickle
+
+    saved = {k: os.environ.get(k) for k in (_FORCE_WO, _FORCE_NO_WO)}
+    os.environ[_FORCE_WO] = "1"
+    os.environ.pop(_FORCE_NO_WO, None)  # both set is an error in torch
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals(deepspeed_state)):
+            yield
+    except pickle.UnpicklingError as e:
+        raise error(_refusal(where, e)) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def safe_load(path: str | Path, *, deepspeed_state: bool = False, error: type[UsageError] = UsageError):
+    """`torch.load` of one checkpoint file on the CPU, weights only (see `weights_only_loads`)."""
+    with weights_only_loads(path, deepspeed_state=deepspeed_state, error=error):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_engine(engine, root: Path, tag: str, client_state: dict) -> None:
@@ -363,10 +520,14 @@ def save_engine(engine, root: Path, tag: str, client_state: dict) -> None:
 
 def load_engine(engine, root: Path, tag: str, *, load_optimizer: bool = True, universal: bool = False) -> dict:
     """Restore engine state from root/tag/ and return the client state saved with it."""
+    from llmstack.errors import RankError
+
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    path, client = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
-    )
+    # RankError: a crafted file may be one rank's own partition, which its peers never read
+    with weights_only_loads(root / tag, error=RankError):
+        path, client = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
+        )
     if path is None:
         raise UsageError(f"could not load DeepSpeed checkpoint {root / tag}")
     if universal:
@@ -389,18 +550,67 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a checkpoint directory of any ZeRO stage and world size.
 
     ZeRO 1-3 checkpoints are gathered from the per-rank fp32 optimizer partitions (DeepSpeed's
-    zero_to_fp32, which also covers bf16 runs); stage 0 stores the whole module in one file.
+    zero_to_fp32, which also covers bf16 runs at ZeRO 2-3); bf16 at ZeRO-1 runs DeepSpeed's bf16
+    optimizer (fp32 gradient accumulation), whose `bf16_zero_pp_rank_*` files zero_to_fp32 does not
+    read (`_bf16_zero1_state_dict`); stage 0 stores the whole module in one file.
     """
     ckpt_dir = Path(ckpt_dir)
-    if any(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+    if any(ckpt_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        sd = _bf16_zero1_state_dict(ckpt_dir)
+    elif any(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        with weights_only_loads(ckpt_dir):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     elif (ckpt_dir / "mp_rank_00_model_states.pt").is_file():
-        sd = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = safe_load(ckpt_dir / "mp_rank_00_model_states.pt")["module"]
     else:
         raise UsageError(f"{ckpt_dir} is not a DeepSpeed checkpoint (no model or optimizer state files)")
     return {k: v.float() for k, v in sd.items()}
+
+
+def _bf16_zero1_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a bf16 ZeRO-1 checkpoint (DeepSpeed's BF16_Optimizer): each rank's file holds,
+    per param group, its flat fp32 partition and where each parameter's piece lies in it
+    (`param_slice_mappings`: name -> (start, numel)). A parameter's pieces, in rank order, are its
+    flattened fp32 values; shapes and tied names come from the saved (bf16) module."""
+    import re
+
+    def rank_of(f: Path) -> int:
+        return int(re.search(r"bf16_zero_pp_rank_(\d+)_", f.name).group(1))
+
+    module = safe_load(ckpt_dir / "mp_rank_00_model_states.pt", deepspeed_state=True)["module"]
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for f in sorted(ckpt_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of):
+        opt = safe_load(f, deepspeed_state=True)["optimizer_state_dict"]
+        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat[frag.start: frag.start + frag.numel])
+    # (the saved tensors are views of DeepSpeed's flat buffers: compare where each view starts)
+    by_address = {(module[n].data_ptr(), module[n].shape): n for n in pieces}
+    sd = {}
+    for name, t in module.items():
+        # a tied name (lm_head.weight) is the same tensor as the one the optimizer holds
+        src = name if name in pieces else by_address.get((t.data_ptr(), t.shape))
+        sd[name] = torch.cat(pieces[src]).view(t.shape) if src is not None else t  # frozen: as saved
+    return sd
+
+
+# The converter run under `weights_only_loads` (it loads every file with weights_only=False);
+# its worker processes are forked, so they inherit the setting. A refused file exits 2.
+_UNIVERSAL_RUNNER = """
+import runpy, sys, warnings
+from llmstack.dist.deepspeed import weights_only_loads
+from llmstack.errors import UsageError
+warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
+sys.argv[0] = "ds_to_universal"
+try:
+    with weights_only_loads(sys.argv[2]):
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
 
 
 def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
@@ -412,9 +622,11 @@ def to_universal(ckpt_dir: Path, out_dir: Path) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(ckpt_dir), "--output_folder", str(out_dir)]
+    cmd = [sys.executable, "-c", _UNIVERSAL_RUNNER, "--input_folder", str(ckpt_dir), "--output_folder", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    refused = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: refusing to load")]
+    if proc.returncode == 2 and refused:
+        raise UsageError(refused[-1].removeprefix("error: "))
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise UsageError(f"DeepSpeed could not convert {ckpt_dir} to a universal checkpoint:\n{tail}")
@@ -477,11 +689,13 @@ def copy_full_weights(src: nn.Module, dst: nn.Module, zero_stage: int) -> None:
 
 def compile_engine(engine) -> None:
     """torch.compile a training engine's model (train.compile) the way DeepSpeed supports it:
-    after `deepspeed.initialize`, through `engine.compile()`. That compiles `engine.module` in
+    after `deepspeed.initialize`, through `engine.compile()`, which compiles `engine.module` in
     place (`nn.Module.compile`: parameter names and checkpoints unchanged) with the accelerator's
-    backend (inductor on CPU and CUDA) and marks the engine compiled; under ZeRO-3 the hooks that
-    gather and release each layer's parameters are then already installed and run eagerly
-    between the compiled pieces. Compiling the bare model before `deepspeed.initialize`, as the
-    stages used to, leaves the engine unaware of it (DeepSpeed's own compile path is the one it
-    supports with ZeRO-3). DeepCompile (the ds_config's `compile.deepcompile`) is not enabled here."""
+    backend (inductor on CPU and CUDA), marks the engine compiled and, when the raw ds_config
+    enables DeepCompile (`compile: {deepcompile: true}`), installs its passes. Under ZeRO-3 the
+    hooks that gather and release each layer's parameters are installed before tracing; dynamo
+    recompiles them per module type and, past its recompile limit (8), runs them eagerly (a
+    warning, not an error). Compiling the bare model before `deepspeed.initialize`, as the stages
+    used to, bypasses all of this. Checked on CPU (torch 2.13, deepspeed 0.19.8): per-step losses
+    of compiled ZeRO-0 and 2-process ZeRO-3 runs equal the eager run's (tests/dist/test_compile.py)."""
     engine.compile(compile_kwargs={})

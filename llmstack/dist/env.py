@@ -10,12 +10,23 @@ import contextlib
 import os
 import socket
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from llmstack.errors import RankError, UsageError
+
+# How long the other ranks wait for rank 0's work in rank0_first (training a tokenizer on a real
+# corpus, building a cache). This is a wait on the store, not a collective, so dist.timeout_s
+# (which bounds collectives and would end the job) does not apply to it.
+RANK0_WAIT_S = 24 * 3600
+# How long a failed rank 0 waits for the others to read its error before it exits: under the
+# deepspeed launcher rank 0's process hosts the store they read it from.
+RANK0_ERROR_READ_S = 30.0
 
 
 def rank() -> int:
@@ -72,8 +83,12 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     import deepspeed  # deferred: importing deepspeed costs seconds and logs noise
 
+    from llmstack.dist import watchdog
+
+    watchdog.default_group_timeout(timedelta(seconds=timeout_s))  # DeepSpeed's groups too (see watchdog.py)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     if world_size() > 1:
+        watchdog.start(timeout_s)  # a rank that stops answering ends the job, named (see watchdog.py)
         barrier()  # every rank has now mapped every peer's shared-memory buffer (see below)
         release_shm_buffer()
 
@@ -83,16 +98,61 @@ def barrier() -> None:
         dist.barrier()
 
 
+_rank0_first_calls = 0  # every rank enters the same rank0_first blocks in the same order
+
+
 @contextlib.contextmanager
-def rank0_first():
-    """Rank 0 runs the block first (e.g. to build a cache), then the others run it."""
-    if not is_main():
-        barrier()
-    try:
+def rank0_first(what: str = "running its part", wait_s: float = RANK0_WAIT_S):
+    """Rank 0 runs the block first (e.g. to build a cache or train a tokenizer), then the others run it.
+
+    The others wait on a key of the process group's store (TCPStore), not in a barrier: a
+    collective ends the job after dist.timeout_s, and rank 0's work may take longer (hours, for a
+    tokenizer trained on a real corpus); they wait up to `wait_s`. Rank 0 sets the key to "ok"
+    when its block succeeded, else to its error, which the others raise (RankError: exit 2, the
+    message names rank 0's failure) instead of running the block. `what` names the work in it.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
         yield
-    finally:
-        if is_main():
-            barrier()
+        return
+    global _rank0_first_calls
+    _rank0_first_calls += 1
+    key = f"llmstack/rank0_first/{_rank0_first_calls}"
+    store = dist.distributed_c10d._get_default_store()
+    if is_main():
+        try:
+            yield
+        except BaseException as e:
+            user = isinstance(e, UsageError)
+            store.set(key, "failed: " + (str(e) if user else f"{type(e).__name__}: {e}"))
+            _wait_read(store, key)
+            if user and not getattr(e, "every_rank", False):
+                raise RankError(str(e)) from None  # exit 2 at once, as the others do
+            raise
+        store.set(key, "ok")
+        return
+    t0 = time.monotonic()
+    try:
+        store.wait([key], timedelta(seconds=wait_s))
+        status = store.get(key).decode()
+    except dist.DistError as e:
+        if time.monotonic() - t0 >= wait_s:
+            raise RankError(f"rank {rank()} waited {wait_s:.0f} s for rank 0 {what}; giving up") from None
+        raise RankError(f"rank {rank()} lost rank 0 while it was {what} (its process ended or its host is "
+                        f"unreachable: {e}); rank 0's output says why") from None
+    if status != "ok":
+        store.add(key + "/read", 1)
+        raise RankError(f"rank 0 failed {what}: {status.removeprefix('failed: ')}")
+    yield
+
+
+def _wait_read(store, key: str) -> None:
+    """Rank 0, failed: wait (briefly) until every other rank has read its error. They print it
+    (it is in their message) and exit at once; polling often lets rank 0 print its own before
+    the launcher, seeing their exit, stops it."""
+    deadline = time.monotonic() + RANK0_ERROR_READ_S
+    with contextlib.suppress(Exception):
+        while store.add(key + "/read", 0) < world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +202,9 @@ def shutdown() -> None:
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             barrier()
+        from llmstack.dist import watchdog
+
+        watchdog.stop()  # after the barrier: a peer still working must not take this rank for lost
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     sys.stdout.flush()

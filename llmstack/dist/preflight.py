@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from llmstack.errors import UsageError
 
 VERSION_KEYS = ("python", "torch", "cuda", "deepspeed", "transformers", "llmstack")
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+# a hostfile name: host, user@host, an IPv4/IPv6 address; never an option (leading '-')
+_HOST_RE = re.compile(r"[\w.%:@\[\]][\w.%:@\[\]-]*")
 
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
@@ -34,6 +38,9 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
             raise UsageError(f"{p}:{lineno}: expected '<host> slots=<N>', got {line!r}")
+        if not _HOST_RE.fullmatch(parts[0]):
+            raise UsageError(f"{p}:{lineno}: {parts[0]!r} is not a host name (letters, digits, '.', '-', '_', ':', "
+                             "'@', '%', '[]'; not starting with '-')")
         hosts.append((parts[0], int(parts[1][6:])))
     if not hosts:
         raise UsageError(f"{p}: no hosts")
@@ -78,11 +85,24 @@ def probe(port: int) -> dict:
     }
 
 
+def probe_argv(host: str, port: int, timeout: int = 60) -> list[str]:
+    """The command that probes `host`: this Python locally, or over ssh for another host.
+
+    The host comes after `--`, so a name that looks like an option (`-oProxyCommand=...`) cannot
+    become one (parse_hostfile refuses such names too); the remote command is one shell-quoted
+    string, since ssh hands it to the remote shell.
+    """
+    if host.startswith("-"):
+        raise UsageError(f"{host!r} is not a host name")
+    cmd = [sys.executable, "-m", "llmstack.dist.preflight", "--probe", str(int(port))]
+    if host in LOCAL_NAMES or host == socket.gethostname():
+        return cmd
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={min(timeout, 15)}", "--", host, shlex.join(cmd)]
+
+
 def collect(host: str, port: int, timeout: int = 60) -> dict:
     """Run the probe on `host` and return its facts, or {"host": host, "error": ...}."""
-    cmd = [sys.executable, "-m", "llmstack.dist.preflight", "--probe", str(port)]
-    if host not in LOCAL_NAMES and host != socket.gethostname():
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={min(timeout, 15)}", host, *cmd]
+    cmd = probe_argv(host, port, timeout)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:

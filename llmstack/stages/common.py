@@ -19,7 +19,7 @@ from data_pipeline import tokenizer as tokenization
 from llmstack.config import SourceConfig, TokenizerConfig, to_yaml
 from llmstack.dist import deepspeed as ds
 from llmstack.dist import env
-from llmstack.errors import UsageError
+from llmstack.errors import RankError, UsageError
 from llmstack import models
 from llmstack.train import checkpoint as ckpt
 
@@ -51,14 +51,30 @@ def train_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
     return out
 
 
+# How long a rank looks for the tokenizer rank 0 has just trained or found: a network filesystem
+# may show another host's new file only once its attribute cache expires.
+TOKENIZER_VISIBLE_WAIT_S = 30.0
+
+
 def ensure_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
-    """Load tokenizer.path; if it does not exist yet, train it first (rank 0, others wait) and cache it."""
-    with env.rank0_first():
-        if not (Path(tok.path) / "tokenizer.json").is_file():
-            if not env.is_main():  # rank 0 failed to create it: its error is the one to read
-                raise UsageError(f"tokenizer {tok.path} was not created")
+    """Load tokenizer.path; if it does not exist yet, rank 0 trains it first and the others wait
+    for it however long that takes (env.rank0_first: a wait on the store, not a collective that
+    dist.timeout_s would end), then load it from tokenizer.path, which must be on a filesystem
+    every node shares (or trained beforehand on each with `llmstack tokenizer train`)."""
+    file = Path(tok.path) / "tokenizer.json"
+    with env.rank0_first(f"training the tokenizer {tok.path}"):
+        if env.is_main() and not file.is_file():
             train_tokenizer(tok, default_sources)
-        return tokenization.load_tokenizer(tok.path)
+    if not env.is_main():
+        deadline = time.monotonic() + TOKENIZER_VISIBLE_WAIT_S
+        while not file.is_file():
+            if time.monotonic() > deadline:
+                raise RankError(
+                    f"tokenizer.path={tok.path}: rank 0 trained or found it, but rank {env.rank()} on host "
+                    f"{env.hostname()} does not see {file}. Put tokenizer.path on a filesystem every node shares, "
+                    "or train it beforehand on every node with `llmstack tokenizer train CONFIG`")
+            time.sleep(1.0)
+    return tokenization.load_tokenizer(tok.path)
 
 
 def git_revision() -> str | None:
@@ -114,6 +130,11 @@ def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: st
     if info.get("model_family", "gpt") != family:
         raise UsageError(f"model.init={init_path} holds a {info.get('model_family')} model; this run trains a {family}")
     check_tokenizer(info.get("tokenizer_hash"), tokenizer_hash, src)
+    # a directory that records no tokenizer (a Hugging Face one) passes the hash check with any
+    saved_vocab, vocab = (info.get("model") or {}).get("vocab_size"), model.config.vocab_size
+    if isinstance(saved_vocab, int) and saved_vocab != vocab:
+        raise UsageError(f"model.init={init_path} embeds {saved_vocab} tokens, this run's tokenizer has {vocab}: "
+                         "set tokenizer.path to the tokenizer of those weights")
     ds.load_state_dict_into(model, state, zero_stage)
     return src
 
@@ -126,13 +147,57 @@ def check_tokenizer(saved: str | None, current: str, where) -> None:
         )
 
 
-def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
-    """`auto`: the newest complete checkpoint if any; `none`: start fresh; else the given path."""
-    if resume == "none":
+def find_resume_checkpoint(resume: str, ckpt_root: Path, run_dir: Path | None = None) -> Path | None:
+    """Start a run (every rank calls this once, first thing after env.init): rank 0 locks the run
+    dir (default: the one holding ckpt_root) against a second run, then `auto`: the newest
+    checkpoint that verifies; `none`: start fresh; else the given path, which must verify.
+    Checkpoints the run will not continue are moved aside, never deleted (ckpt.start_run)."""
+    return ckpt.start_run(resume, ckpt_root, run_dir or ckpt.run_dir_of(ckpt_root))
+
+
+# Fields of a recorded architecture that may change on resume: how activations are stored and
+# how much dropout the remaining steps use, not what the saved weights compute.
+RESUMABLE_CHANGES = ("activation_checkpointing", "dropout", "attn_dropout")
+
+
+def check_resume_architecture(saved_meta: dict, family: str, arch, where) -> None:
+    """Refuse to resume `where` into another model than the one it saved: the checkpoint's
+    recorded family and architecture (meta "model_family", "model") against this run's.
+
+    Another size failed late with a shape error; a change that keeps every shape (n_head at the
+    same d_model, rope_theta, the norm, the activation, the positions) loaded without complaint
+    and went on training a different function of the saved weights. Fields the checkpoint does
+    not record (written by an older version) are not compared.
+    """
+    diff = []
+    if saved_meta.get("model_family", family) != family:
+        diff.append(f"model.family: {saved_meta['model_family']!r} -> {family!r}")
+    saved = saved_meta.get("model") or {}
+    now = arch if isinstance(arch, dict) else dict(vars(arch))
+    now = json.loads(json.dumps(now, default=str))  # as meta.json holds it (tuples as lists)
+    diff += [f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved)
+             if k in now and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if diff:
+        raise UsageError(f"cannot resume from {where}: this run's model differs from the checkpoint's ("
+                         + "; ".join(diff) + "); resume with the checkpoint's architecture, or start a new run "
+                         "(another run.dir, or train.resume=none)")
+
+
+def recorded_architecture(path: str) -> tuple[str, dict] | None:
+    """(family, architecture) recorded with starting weights (model.init), read without loading
+    them: a consolidated or imported directory, or a checkpoint. None for a Hugging Face
+    directory (only converting it tells) or a path that no longer holds a model."""
+    p = Path(path)
+    try:
+        if (p / "llmstack_model.json").is_file():
+            info = json.loads((p / "llmstack_model.json").read_text())
+        elif (p / "config.json").is_file() and not (p / ckpt.META).is_file():
+            return None
+        else:
+            info = ckpt.read_meta(ckpt.resolve(p))
+    except (UsageError, OSError, ValueError):
         return None
-    if resume == "auto":
-        return ckpt.find_resume(ckpt_root)
-    return ckpt.resolve(resume)
+    return (info.get("model_family", "gpt"), info["model"]) if isinstance(info.get("model"), dict) else None
 
 
 def peak_flops(precision: str) -> float:
@@ -224,6 +289,7 @@ def finetune_setup(cfg, cls, ds_config: dict, ckpt_root: Path):
     tokenizer checked), and a `cls` model loaded from model.init unless resuming.
     Returns (init, tokenizer, arch, resume_from, model)."""
     t = cfg.train
+    ds.check_precision(cfg.precision)  # before the starting weights are read
     init = read_init(cfg.model.init)
     tokenizer = finetune_tokenizer(cfg.tokenizer, init)
     arch = rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
@@ -236,9 +302,14 @@ def finetune_setup(cfg, cls, ds_config: dict, ckpt_root: Path):
 
 
 def train_engine(model, train_cfg, ds_config: dict, lr: float | None = None):
-    """A training engine with the config's optimizer over the usual decay / no-decay groups."""
+    """A training engine with the config's optimizer over the usual decay / no-decay groups;
+    with train.compile, compiled through the engine after it is built (ds.compile_engine), the
+    one place every stage that trains with train.compile compiles."""
     from llmstack.train.optim import param_groups
 
     t = train_cfg
-    return ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=lr or t.lr, betas=t.betas,
-                            eps=t.eps, optimizer=t.optimizer, momentum=t.momentum)
+    engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=lr or t.lr, betas=t.betas,
+                              eps=t.eps, optimizer=t.optimizer, momentum=t.momentum)
+    if t.compile:
+        ds.compile_engine(engine)
+    return engine

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from data_pipeline import shards
-from data_pipeline.sources import DataError, ErrorLog, Source, resolve_source
+from data_pipeline.sources import MAX_RECORD_BYTES, DataError, ErrorLog, Source, resolve_source
 from data_pipeline.stream import Loader, StreamConfig
 from llmstack.config import DataConfig, DataPrepareConfig, SourceConfig
 from llmstack.dist import env
@@ -26,13 +26,15 @@ class DataStop(UsageError):
     every_rank = True
 
 
-def resolve_sources(specs: list[SourceConfig], tokenizer_hash: str | None) -> list[Source]:
-    """Resolve source specs (listing files now; rank 0 first, so it builds shared caches)."""
+def resolve_sources(specs: list[SourceConfig], tokenizer_hash: str | None,
+                    max_record_bytes: int = MAX_RECORD_BYTES) -> list[Source]:
+    """Resolve source specs (listing files now; rank 0 first, so it builds shared caches).
+    ``max_record_bytes``: data.max_record_bytes (longer JSONL lines are bad records)."""
     out = []
-    with env.rank0_first():
+    with env.rank0_first("resolving the data sources"):
         for spec in specs:
             try:
-                out.append(resolve_source(spec.path, spec.text_field, spec.weight, tokenizer_hash))
+                out.append(resolve_source(spec.path, spec.text_field, spec.weight, tokenizer_hash, max_record_bytes))
             except FileNotFoundError as e:
                 raise UsageError(f"data source not found: {e}") from None
             except (DataError, ValueError) as e:
@@ -132,7 +134,7 @@ def prepare(cfg: DataPrepareConfig) -> dict:
     if not cfg.data.out:
         raise UsageError("data.out is required: the directory to write the shards to")
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
-    sources = resolve_sources(cfg.data.sources, tokenizer.hash)
+    sources = resolve_sources(cfg.data.sources, tokenizer.hash, cfg.data.max_record_bytes)
     workers = max(1, cfg.data.num_workers)
     print(f"data prepare: {', '.join(s.spec for s in sources)} -> {cfg.data.out} "
           f"({sum(len(s.units) for s in sources)} inputs, {workers} processes, tokenizer {tokenizer.hash})", flush=True)
@@ -144,6 +146,12 @@ def prepare(cfg: DataPrepareConfig) -> dict:
     except DataError as e:
         raise UsageError(f"data prepare: {e}") from None
     seconds = time.perf_counter() - t0
+    if manifest["docs"] == 0:  # nothing to train on is a failed preparation, not an empty success
+        log = ErrorLog()
+        log.merge(manifest.get("errors", {}))
+        why = (f"every record was skipped, {log.total} bad inputs (data.on_error=skip):\n  " + "\n  ".join(log.report())
+               if log.total else "the sources hold no records")
+        raise UsageError(f"data prepare: no documents were read from {', '.join(s.spec for s in sources)}; {why}")
     print(f"wrote {len(manifest['shards'])} shards, {manifest['docs']:,} documents, {manifest['tokens']:,} tokens "
           f"({manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s) to {cfg.data.out}")
     _print_skipped(manifest)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from data_pipeline import formats
 from llmstack.errors import UsageError
-from llmstack.generate import generate, place_model, resolve_placement, sampling_generator
+from llmstack.generate import check_vocab, generate, place_model, resolve_placement, sampling_generator
 from llmstack.train.checkpoint import load_for_inference
 
 
@@ -50,6 +50,7 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
             raise UsageError(f"{name} {value} is out of range")
     dev, dt = resolve_placement(device, dtype)  # before loading: a bad --device fails at once
     model, tok, info = load_for_inference(model_path, tokenizer_path)
+    check_vocab(tok, info, model_path)
     family = info.get("model_family", "gpt")
     if family not in ("gpt", "t5"):
         raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")

@@ -78,6 +78,7 @@ def dry_run(cfg: PretrainConfig) -> None:
 
 def run(cfg: PretrainConfig) -> dict:
     env.init(cfg.dist.backend, cfg.dist.timeout_s)
+    ds.check_precision(cfg.precision)  # before the tokenizer, data and model are built
     world, rank = env.world_size(), env.rank()
     ds_config, accum, global_batch = ds_config_for(cfg, world)
     run_dir, t = cfg.run.path, cfg.train
@@ -95,6 +96,7 @@ def run(cfg: PretrainConfig) -> dict:
         # partitions below tie a resume to the saved number of processes.
         data_state = saved.get("data")
         common.check_tokenizer(saved.get("tokenizer_hash"), tokenizer.hash, resume_from)
+        common.check_resume_architecture(saved, cfg.model.family, arch, resume_from)
         if saved.get("universal"):  # made by `llmstack checkpoint reshape`: loads on any world size
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         elif saved.get("zero_stage", 0) > 0 and saved.get("world_size") != world:
@@ -108,8 +110,8 @@ def run(cfg: PretrainConfig) -> dict:
         env.print0(f"initialised weights from {src}")
     engine = common.train_engine(model, t, ds_config)  # compiled through the engine when train.compile
 
-    train_sources = data_stage.resolve_sources(cfg.data.sources, tokenizer.hash)
-    val_sources = data_stage.resolve_sources(cfg.data.val_sources, tokenizer.hash)
+    train_sources = data_stage.resolve_sources(cfg.data.sources, tokenizer.hash, cfg.data.max_record_bytes)
+    val_sources = data_stage.resolve_sources(cfg.data.val_sources, tokenizer.hash, cfg.data.max_record_bytes)
     val_batches = data_stage.validation_batches(cfg.data, val_sources, tokenizer, cfg.seed, micro_batch=t.micro_batch,
                                                 batches=t.eval_batches)
     val_batches = objectives.transform_val(val_batches, transform, seed=cfg.seed)

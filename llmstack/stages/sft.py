@@ -287,10 +287,30 @@ def dry_run(cfg: SFTConfig) -> None:
 # The recipe
 
 
+def _check_resume_model(cfg: SFTConfig, saved: dict, vocab_size: int, where) -> None:
+    """Refuse to resume a checkpoint of another model than the config's: model.init's recorded
+    architecture (or the model fields, without model.init) against the checkpoint's. A Hugging
+    Face model.init is not converted for this: its path must be the one the run started from."""
+    if cfg.model.init is None:
+        planned = common.model_config(cfg.model, vocab_size, cfg.data.seq_len, cfg.train.activation_checkpointing)
+        common.check_resume_architecture(saved, "gpt", planned, where)
+        return
+    recorded = common.recorded_architecture(cfg.model.init)
+    if recorded is not None:
+        common.check_resume_architecture(saved, recorded[0], recorded[1], where)
+        return
+    was = ((saved.get("config") or {}).get("model") or {}).get("init")
+    if was is not None and was != cfg.model.init:
+        raise UsageError(f"cannot resume from {where}: it was trained from model.init={was}, the config names "
+                         f"model.init={cfg.model.init}; resume with the original model.init, or start a new run "
+                         "(another run.dir, or train.resume=none)")
+
+
 def run(cfg: SFTConfig) -> dict:
     """Fine-tune as `cfg` says; returns a summary (validation loss before/after, steps, tokens)."""
     check_config(cfg)
     env.init(cfg.dist.backend, cfg.dist.timeout_s)
+    ds.check_precision(cfg.precision)  # before the data and the model are built
     world, rank = env.world_size(), env.rank()
     ds_config, accum, global_batch = ds_config_for(cfg, world)
     run_dir, t = cfg.run.path, cfg.train
@@ -314,6 +334,8 @@ def run(cfg: SFTConfig) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     arch = common.rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
+    if resume_from is not None:  # the checkpoint must hold the model the config names (model.init or fields)
+        _check_resume_model(cfg, saved, tokenizer.vocab_size, resume_from)
 
     # conversations (every process reads all of them: the global order is computed everywhere)
     s = cfg.sft
@@ -345,9 +367,7 @@ def run(cfg: SFTConfig) -> dict:
         lora_meta = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "scaling": cfg.lora.alpha / cfg.lora.r, "modules": names}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         env.print0(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {len(names)} layers: {trainable} trainable parameters")
-    if t.compile:
-        model.compile()
-    engine = common.train_engine(model, t, ds_config)
+    engine = common.train_engine(model, t, ds_config)  # compiled through the engine when train.compile
 
     params, flops_tok = model_stats(arch, cfg.data.seq_len)
     fingerprint = data_fingerprint(stats, cfg)

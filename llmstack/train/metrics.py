@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,15 @@ VENDOR_PEAK = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12,
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5, n: int = 1024) -> float:
-    """Dense matmul FLOP/s measured now on this device: the best of short timed bursts of n x n matmuls."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    """Dense matmul FLOP/s measured now on this device: the best of short timed bursts of n x n matmuls.
+
+    The operands come from a private generator: the stages measure after restoring a checkpoint's
+    RNG state, and draws from the global generator there would shift every later dropout mask,
+    so a resumed run would no longer repeat the uninterrupted one.
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm up kernels / thread pool
     sync()
@@ -38,10 +45,23 @@ def vendor_peak(device: torch.device, precision: str) -> float | None:
     return next((p[key] for k, p in VENDOR_PEAK.items() if k in name), None)
 
 
+def json_safe(value):
+    """`value` with every non-finite float (NaN, inf: a diverged loss, an overflowed gradient norm)
+    replaced by None, so it serialises as strict JSON (null) that every JSON parser reads."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    Only rank 0 writes; other ranks get a logger whose methods do nothing.
+    Only rank 0 writes; other ranks get a logger whose methods do nothing. Lines are strict JSON:
+    a non-finite value is written as null (the console line still shows nan / inf).
     """
 
     def __init__(self, run_dir: Path | None, *, total_steps: int, start_step: int, progress: bool):
@@ -67,7 +87,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
@@ -79,10 +99,13 @@ class MetricsLogger:
         elif "loss" in record:  # no terminal for a bar (logs, CI): one plain line per logged step
             step = record["step"]
             eta = (time.perf_counter() - self.t0) / max(1, step - self.start) * (self.total - step)
-            val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            val = f" val_loss {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
+            loss = f"{record['loss']:.4f}" if record["loss"] is not None else "none"
+            skipped = " (update skipped: not finite)" if record.get("skipped") else ""
             print(
-                f"step {step}/{self.total} loss {record['loss']:.4f}{val} lr {record['lr']:.3g} "
-                f"tok/s {record.get('tokens_per_s', 0):.0f} mfu {100 * record.get('mfu', 0):.1f}% eta {eta:.0f}s",
+                f"step {step}/{self.total} loss {loss}{val} lr {record['lr']:.3g} "
+                f"tok/s {record.get('tokens_per_s', 0):.0f} mfu {100 * record.get('mfu', 0):.1f}% "
+                f"eta {eta:.0f}s{skipped}",
                 flush=True,
             )
 

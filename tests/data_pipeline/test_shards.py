@@ -111,6 +111,63 @@ def test_damaged_shards_are_refused(prepared, tmp_path):
         resolve_source(str(bad))
 
 
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_prepare_refuses_an_output_that_overlaps_an_input(prepared, tok, tmp_path):
+    """data.out equal to, inside or containing an input would replace (or mix into) what it reads."""
+    d, srcs, _ = prepared
+    shard_src = resolve_source(str(d / "out"), tokenizer_hash=tok.hash)
+    before = files(d / "out")
+    for out in (d / "out", d / "out" / "sub", d):
+        with pytest.raises(DataError, match=r"data.out .* (is|overlaps) the input"):
+            shards.prepare([shard_src], out, tok.path, docs_per_shard=8)
+    with pytest.raises(DataError, match=r"overlaps the input .*a\.jsonl"):
+        shards.prepare(srcs, d, tok.path, docs_per_shard=8)  # the directory holding the text inputs
+    assert files(d / "out") == before and not (d / "out" / "sub").exists()
+
+
+def test_reprepare_removes_only_its_own_shards(prepared, tok, tmp_path):
+    d, srcs, manifest = prepared
+    out = tmp_path / "out"
+    shards.prepare(srcs, out, tok.path, docs_per_shard=8)
+    (out / "notes.txt").write_text("mine")
+    again = shards.prepare(srcs, out, tok.path, docs_per_shard=32)  # fewer shards: the old ones go
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "notes.txt",
+                                                            *(s["file"] for s in again["shards"])])
+    assert len(again["shards"]) < len(manifest["shards"]) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_prepare_refuses_shards_it_did_not_write(prepared, tok, tmp_path):
+    d, srcs, manifest = prepared
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(d / "out" / manifest["shards"][0]["file"], foreign / "shard_00000.bin")  # no manifest lists it
+    before = files(foreign)
+    with pytest.raises(DataError, match="holds shard_00000.bin, which no manifest"):
+        shards.prepare(srcs, foreign, tok.path, docs_per_shard=8)
+    (foreign / "manifest.json").write_text(json.dumps({"format": "someone-else"}))
+    with pytest.raises(DataError, match="not an llmstack shard manifest"):
+        shards.prepare(srcs, foreign, tok.path, docs_per_shard=8)
+    (foreign / "manifest.json").unlink()
+    assert files(foreign) == before
+
+
+def test_interrupted_prepare_is_cleaned_up_by_the_next(prepared, tok, tmp_path):
+    """While a prepare runs its marker names the shard files as ours: a rerun after a crash
+    (shards written, no manifest yet) replaces them instead of refusing."""
+    d, srcs, manifest = prepared
+    out = tmp_path / "out"
+    shards.prepare(srcs, out, tok.path, docs_per_shard=8)
+    (out / "manifest.json").unlink()  # the state a crash leaves: marker, shards, no manifest
+    (out / shards.PREPARING).write_text("{}")
+    (out / "shard_00099.bin.tmp").write_bytes(b"partial")
+    again = shards.prepare(srcs, out, tok.path, docs_per_shard=8)
+    assert again["shards"] == manifest["shards"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["file"] for s in again["shards"])])
+
+
 def test_cli_prepare_and_inspect(tmp_path, tokenizer_dir):
     corpus.write_jsonl(tmp_path / "c.jsonl", DOCS)
     cfg = tmp_path / "prep.yaml"
@@ -127,3 +184,8 @@ def test_cli_prepare_and_inspect(tmp_path, tokenizer_dir):
     assert bad.returncode == 2 and "manifest.json" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cmd([llmstack, "data", "prepare", str(cfg), "data.out=null"], cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "data.out is required" in missing.stderr
+    shards_before = files(tmp_path / "shards")
+    into_input = run_cmd([llmstack, "data", "prepare", str(cfg), f"data.out={tmp_path / 'shards'}",
+                          f"data.sources=[{{path: {tmp_path / 'shards'}}}]"], cwd=tmp_path, check=False)
+    assert into_input.returncode == 2 and "is the input" in into_input.stderr and "Traceback" not in into_input.stderr
+    assert files(tmp_path / "shards") == shards_before

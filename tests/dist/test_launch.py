@@ -93,3 +93,62 @@ def test_preflight_bad_hostfile(tmp_path):
         parse_hostfile(bad)
     with pytest.raises(UsageError, match="hostfile not found"):
         parse_hostfile(tmp_path / "missing")
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stands in for srun: records its arguments and a USR1 it receives, then ends with $SRUN_RC
+echo "srun $*" >> "$FAKE_LOG"
+trap 'echo "srun got USR1" >> "$FAKE_LOG"; exit 1' USR1
+touch "$FAKE_LOG.started"
+for _ in $(seq 300); do
+  if [[ -n "${SRUN_RC:-}" ]]; then exit "$SRUN_RC"; fi
+  sleep 0.1
+done
+exit 9
+"""
+
+
+def slurm_job(tmp_path, srun_rc: str | None = None):
+    """launch/slurm.sbatch run as SLURM runs it, with srun and scontrol replaced by recorders."""
+    import os
+    import stat
+
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    (fakes / "srun").write_text(FAKE_SRUN)
+    (fakes / "scontrol").write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+    for f in fakes.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "calls.log"
+    env = child_env(FAKE_LOG=log, SLURM_JOB_ID="4242", PATH=f"{fakes}{os.pathsep}{os.environ['PATH']}",
+                    **({"SRUN_RC": srun_rc} if srun_rc is not None else {}))
+    proc = subprocess.Popen(["bash", str(REPO / "launch/slurm.sbatch"), "cfg.yaml", "zero.stage=3"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
+def test_slurm_script_passes_the_time_limit_signal_on_and_requeues(tmp_path):
+    import signal
+    import time
+
+    text = (REPO / "launch/slurm.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+    proc, log = slurm_job(tmp_path)
+    deadline = time.time() + 30
+    while not log.with_name(log.name + ".started").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@180 does before the time limit
+    out, _ = proc.communicate(timeout=30)
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("srun --kill-on-bad-exit=1") and calls[0].endswith("-- pretrain cfg.yaml zero.stage=3")
+    assert calls[1:] == ["srun got USR1", "scontrol requeue 4242"], out
+    assert proc.returncode == 1  # srun's status (torchrun's after the stop)
+
+
+@pytest.mark.parametrize("rc", ["0", "3"])
+def test_slurm_script_does_not_requeue_a_run_that_ended_by_itself(tmp_path, rc):
+    proc, log = slurm_job(tmp_path, srun_rc=rc)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == int(rc), out
+    assert not any(c.startswith("scontrol") for c in log.read_text().splitlines())

@@ -166,3 +166,24 @@ def test_bf16_gradients_accumulate_and_reduce_in_fp32_under_zero(matrix):
                 # without ZeRO DeepSpeed 0.19 refuses fp32 accumulation of a bf16 model (README)
                 want = "torch.bfloat16" if stage == "0" else "torch.float32"
                 assert got["grad_accum_dtype"] == want, (family, stage)
+
+
+def test_bf16_zero1_checkpoint_consolidates_to_its_fp32_masters(tmp_path, tokenizer_dir):
+    """bf16 at ZeRO-1 runs DeepSpeed's bf16 optimizer (fp32 gradient accumulation), whose
+    `bf16_zero_pp_rank_*` files DeepSpeed's zero_to_fp32 cannot read: consolidation (export,
+    generate, model.init) rebuilds the fp32 master weights from the ranks' partitions."""
+    from llmstack.dist.deepspeed import consolidated_state_dict, safe_load
+
+    _, run_dir = pretrain(tmp_path, tokenizer_dir, "z1", "train.max_steps=2", "train.micro_batch=2", "precision=bf16",
+                          "zero.stage=1", nprocs=2, launcher="deepspeed")
+    step = run_dir / "checkpoints/step_2"
+    assert len(list(step.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    sd = consolidated_state_dict(step)
+    module = safe_load(step / "mp_rank_00_model_states.pt", deepspeed_state=True)["module"]
+    assert sd.keys() == module.keys()
+    for name, t in module.items():
+        assert sd[name].dtype == torch.float32
+        assert torch.equal(sd[name].to(torch.bfloat16), t), name  # the bf16 weights are the masters, rounded
+    assert any(not torch.equal(sd[n], module[n].float()) for n in module)  # ... which carry more bits
+    assert torch.equal(sd["lm_head.weight"], sd["wte.weight"])  # tied
+    run_cmd([str(BIN / "llmstack"), "export", str(step), "--out", str(tmp_path / "hf")], cwd=tmp_path)

@@ -142,6 +142,46 @@ def test_resume_refuses_other_tokenizer(runs, tmp_path):
     assert "tokenizer mismatch" in proc.stderr
 
 
+@pytest.mark.parametrize("change,needle", [
+    ("model.n_head=2", "model.n_head: 4 -> 2"),  # every shape the same: it used to resume silently
+    ("model.d_model=128", "model.d_model: 64 -> 128"),  # another size: it used to end in a shape traceback
+])
+def test_resume_refuses_another_architecture(runs, tmp_path, change, needle):
+    src = runs.straight_1p()
+    before = sorted(p.name for p in (src / "checkpoints").iterdir())
+    proc = run_cmd([str(BIN / "python"), "-m", "llmstack", "pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"),
+                    *TINY, f"run.dir={src}", f"tokenizer.path={runs.tok}", "zero.stage=0", "train.max_steps=30",
+                    *ONE_PROC, change], cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "cannot resume from" in proc.stderr and needle in proc.stderr
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
+
+
+def test_tokenizer_larger_than_the_model_is_refused(runs, tmp_path):
+    """A model directory that records no tokenizer (a Hugging Face one) with a larger tokenizer:
+    exit 2 naming both sizes (generate and eval used to fail with an IndexError mid-run)."""
+    import shutil
+
+    from data_pipeline.sources import builtin_texts
+    from data_pipeline.tokenizer import train_tokenizer
+
+    big = tmp_path / "tok-2k"
+    train_tokenizer(builtin_texts("train"), big, kind="bpe", vocab_size=2048, num_sentinels=0, max_chars=500_000)
+    hf = tmp_path / "hf"
+    run_cmd([str(BIN / "llmstack"), "export", str(runs.straight_1p()), "--out", str(hf)], cwd=tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf / name, bare / name)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog"}) + "\n")
+    for cmd in ([str(BIN / "llmstack"), "generate", str(bare), "--prompt", "the quick brown fox"],
+                [str(BIN / "llmstack-eval"), "--model", str(bare), "--tasks", f"ppl:{tmp_path / 't.jsonl'}"]):
+        proc = run_cmd(cmd + ["--tokenizer", str(big)], cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "has 2048 tokens but the model" in proc.stderr
+        assert "embeds only 1024" in proc.stderr
+
+
 def test_torchrun_matches_deepspeed_launcher(runs):
     """`torchrun -m llmstack pretrain ...` trains to the same losses as the deepspeed launcher."""
     ref = losses(runs.straight_2p(2))

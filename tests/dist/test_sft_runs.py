@@ -105,7 +105,7 @@ def test_lora_changes_only_adapted_layers_and_exports_merged(runs, tmp_path):
     assert changed == sorted(f"{m}.weight" for m in meta["lora"]["modules"])
 
     # our unmerged model (adapters live) against the merged Hugging Face export
-    raw = {**torch.load(src / "mp_rank_00_model_states.pt", weights_only=False)["module"],
+    raw = {**torch.load(src / "mp_rank_00_model_states.pt", weights_only=True)["module"],
            **ds.consolidated_state_dict(src)}
     arch = models.config_from_dict("gpt", dict(meta["model"], activation_checkpointing=False))
     ours = models.build_model("gpt", arch)

@@ -114,3 +114,35 @@ def test_help(tmp_path):
     for cmd in ("export", "import", "generate"):
         proc = cli(cmd, "--help", cwd=tmp_path)
         assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def tree(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_out_never_replaces_a_run_directory(gpt_run, exported):
+    """--out naming a run directory (checkpoints inside) is refused by every command, with or
+    without --overwrite, and the directory is left byte for byte as it was."""
+    tmp, run_dir = gpt_run
+    victim = tmp / "victim-run"
+    shutil.copytree(run_dir, victim)
+    before = tree(victim)
+    for args in (["checkpoint", "consolidate", str(run_dir)], ["export", str(run_dir)], ["import", str(exported)],
+                 ["export", str(run_dir), "--overwrite"]):
+        proc = cli(*args, "--out", str(victim), cwd=tmp, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        assert ("refusing to overwrite" if "--overwrite" in args else "pass --overwrite") in proc.stderr
+    assert tree(victim) == before
+
+
+def test_overwrite_swaps_in_a_complete_export_only(gpt_run):
+    tmp, run_dir = gpt_run
+    out = tmp / "hf-again"
+    cli("export", str(run_dir), "--out", str(out), cwd=tmp)
+    cli("export", str(run_dir), "--out", str(out), "--overwrite", "--dtype", "bf16", cwd=tmp)
+    assert '"dtype": "bfloat16"' in (out / "config.json").read_text()
+    before = tree(out)
+    bad = cli("export", str(run_dir), "--out", str(out), "--overwrite", "--max-shard-size", "lots", cwd=tmp, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert tree(out) == before  # the failed run left the previous export as it was
+    assert not [p for p in tmp.iterdir() if ".partial-" in p.name]
