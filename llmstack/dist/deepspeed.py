@@ -555,13 +555,17 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     read (`_bf16_zero1_state_dict`); stage 0 stores the whole module in one file.
     """
     ckpt_dir = Path(ckpt_dir)
-    if any(ckpt_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        sd = _bf16_zero1_state_dict(ckpt_dir)
-    elif any(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+    if any(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with weights_only_loads(ckpt_dir):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        try:
+            with weights_only_loads(ckpt_dir):
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        except ValueError as e:
+            # the bf16 optimizer's files (also named bf16_zero_pp_rank_*, as ZeRO 1-3's in bf16) carry no ZeRO stage
+            if "is not a zero checkpoint" not in str(e) or not any(ckpt_dir.glob("bf16_zero_pp_rank_*")):
+                raise
+            sd = _bf16_zero1_state_dict(ckpt_dir)
     elif (ckpt_dir / "mp_rank_00_model_states.pt").is_file():
         sd = safe_load(ckpt_dir / "mp_rank_00_model_states.pt")["module"]
     else:
