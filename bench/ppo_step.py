@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from llmstack import models
     from llmstack.config import PPOConfig
-    from llmstack.dist import env
+    from llmstack.distributed import env
     from llmstack.generate import generate
     from llmstack.models import hf
     from llmstack.models.heads import PolicyLM, ScalarHeadModel

@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     from data_pipeline.sources import builtin_texts
     from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
     from llmstack import models
-    from llmstack.dist import deepspeed as ds
-    from llmstack.dist import env
+    from llmstack.distributed import deepspeed as ds
+    from llmstack.distributed import env
     from llmstack.stages import common, sft
     from llmstack.train.optim import param_groups
 

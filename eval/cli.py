@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from eval.evaluator import evaluate, print_table
-    from llmstack.dist import env
+    from llmstack.distributed import env
 
     try:
         results = evaluate(args.model, args.tasks.split(","), num_fewshot=args.num_fewshot,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 
 BUCKET = 16  # row lengths and LM-head rows are padded to multiples of this (see the module docstring)

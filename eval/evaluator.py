@@ -23,7 +23,7 @@ import torch
 from eval import metrics as M
 from eval.engine import Scorer, rolling_rows
 from eval.taskspec import load_spec, prepare
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.generate import DTYPE_NAMES, check_vocab, place_model, resolve_placement
 

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = _dispatch(args)
         if "torch.distributed" in sys.modules:  # only commands that may have started a process group
-            from llmstack.dist import env
+            from llmstack.distributed import env
 
             if entry:
                 env.exit_after_group(rc)  # does not return if one was started (see there why)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}" if isinstance(e, Diverged) else str(e), file=sys.stderr, flush=True)
         if "torch.distributed" in sys.modules:
-            from llmstack.dist import env
+            from llmstack.distributed import env
 
             if entry:
                 env.exit_after_group(e.exit_code)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
         if "torch.distributed" in sys.modules:
-            from llmstack.dist import watchdog
+            from llmstack.distributed import watchdog
 
             watchdog.collective_failed(e)  # a timed-out collective: names the silent rank, exits
         import socket
@@ -368,7 +368,7 @@ def _dispatch(args) -> int:
 
         return plan.run(load_config(PretrainConfig, args.config, args.overrides), args.gpus, args.gpu_mem)
     if args.command == "preflight":
-        from llmstack.dist import preflight
+        from llmstack.distributed import preflight
 
         return preflight.run(args.hostfile, args.port)
     if args.command == "quickstart":

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from llmstack import models
-from llmstack.dist import deepspeed as ds
+from llmstack.distributed import deepspeed as ds
 from llmstack.errors import UsageError
 
 

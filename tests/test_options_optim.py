@@ -183,7 +183,7 @@ def test_build_optimizer_by_name(name, cls):
              "optimizer": {"type": "AdamW", "params": {}}}, "train.optimizer=sgd cannot be combined with zero.offload"),
 ])
 def test_refused_combinations_name_the_option(name, ds_config, words):
-    from llmstack.dist.deepspeed import create_engine
+    from llmstack.distributed.deepspeed import create_engine
 
     with pytest.raises(UsageError, match=words.replace(".", r"\.")):
         create_engine(small_model(), [{"params": list(small_model().parameters())}], ds_config, lr=1e-3,

@@ -104,7 +104,7 @@ def test_decoding_copy_is_the_actor_in_its_dtype(tie):
     and after copy_full_weights (module by module) the actor's exact values."""
     import torch
 
-    from llmstack.dist.deepspeed import copy_full_weights
+    from llmstack.distributed.deepspeed import copy_full_weights
     from llmstack.models.gpt import GPTConfig
     from llmstack.models.heads import PolicyLM
     from llmstack.stages.ppo import decoding_copy

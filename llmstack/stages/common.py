@@ -17,8 +17,8 @@ import torch
 from data_pipeline import sources as data_sources
 from data_pipeline import tokenizer as tokenization
 from llmstack.config import SourceConfig, TokenizerConfig, to_yaml
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import RankError, UsageError
 from llmstack import models
 from llmstack.train import checkpoint as ckpt

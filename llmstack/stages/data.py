@@ -16,7 +16,7 @@ from data_pipeline import shards
 from data_pipeline.sources import MAX_RECORD_BYTES, DataError, ErrorLog, Source, resolve_source
 from data_pipeline.stream import Loader, StreamConfig
 from llmstack.config import DataConfig, DataPrepareConfig, SourceConfig
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 
 

@@ -20,8 +20,8 @@ import time
 import torch
 
 from llmstack.config import DPOConfig
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.models.heads import PolicyLM
 from llmstack.rlhf.losses import dpo_loss
 from llmstack.rlhf.rollout import sequence_logprobs

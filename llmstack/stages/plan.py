@@ -5,7 +5,7 @@ activations of our GPT blocks:
 - weights: N x bytes of the training dtype; partitioned by ZeRO-3; moved to the host by
   param offload
 - gradients: N x bytes of the training dtype; partitioned by ZeRO-2 and 3; in fp32 (4 bytes)
-  for bf16 under ZeRO 1-3, which accumulate them in fp32 (dist/deepspeed.py)
+  for bf16 under ZeRO 1-3, which accumulate them in fp32 (distributed/deepspeed.py)
 - optimizer: Adam moments (8 bytes/param) plus an fp32 master copy (4 bytes/param) when training
   in bf16/fp16; partitioned by ZeRO 1-3; moved to the host by optimizer offload
 - activations per layer and token: what our block saves for backward (norm inputs and outputs,
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from llmstack.config import PretrainConfig
-from llmstack.dist.deepspeed import bucket_elements
+from llmstack.distributed.deepspeed import bucket_elements
 from llmstack.errors import UsageError
 from llmstack.models.gpt import GPT, GPTConfig
 
@@ -113,7 +113,7 @@ def suggest_micro_batch(arch, budget: float, **kw) -> int:
 
 def run(cfg: PretrainConfig, gpus: int, gpu_mem_gb: float, headroom: float = 0.9) -> int:
     """Print parameters, FLOPs/token and a per-stage memory table; exit 2 if nothing fits."""
-    from llmstack.dist.deepspeed import resolve_batch
+    from llmstack.distributed.deepspeed import resolve_batch
     from llmstack.stages.common import model_config
 
     if gpus < 1 or gpu_mem_gb <= 0:

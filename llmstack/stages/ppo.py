@@ -32,8 +32,8 @@ import torch
 from data_pipeline.errors import DataError, ErrorLog
 from data_pipeline.formats import chat_tokens, encode_prompt, iter_prompt_records
 from llmstack.config import ModelConfig, PPOConfig
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.generate import generate, left_pad
 from llmstack.models.heads import PolicyLM, ScalarHeadModel, is_scalar_state

@@ -13,8 +13,8 @@ import torch
 
 from data_pipeline.stream import merge_states
 from llmstack.config import PretrainConfig, to_yaml
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack import models
 from llmstack.stages import common, objectives

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from llmstack.config import DPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.stages import common, pretrain
 from llmstack.stages.report import write_report

@@ -21,7 +21,7 @@ import torch
 from data_pipeline.errors import DataError, ErrorLog
 from data_pipeline.formats import encode_preference, iter_preference_records
 from llmstack.config import RMConfig
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.models.heads import ScalarHeadModel, sequence_scores
 from llmstack.rlhf.losses import pairwise_loss

@@ -33,8 +33,8 @@ from data_pipeline import formats
 from data_pipeline.errors import DataError, ErrorLog
 from data_pipeline.objectives import IGNORE, pack_greedy, sft_collate, sft_fit
 from llmstack.config import SFTConfig, to_yaml
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.models import lora as lora_lib
 from llmstack.stages import common

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import RankError, UsageError
 from llmstack.train import runlock
 

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from llmstack.dist import deepspeed as ds
-from llmstack.dist import env
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
 from llmstack.errors import Diverged, Preempted
 from llmstack.train.metrics import MetricsLogger
 from llmstack.train.optim import lr_at
@@ -169,7 +169,7 @@ class RunGuard:
     A non-finite loss is turned into non-finite gradients (the loss times NaN, times exactly 1 when
     finite), so one test covers both: the global gradient norm. DeepSpeed's optimizer wrappers
     skip such an update themselves; for the bare torch optimizer (fp32 without ZeRO) the guard
-    checks the all-reduced gradients and runs the step without an update (dist/deepspeed.py).
+    checks the all-reduced gradients and runs the step without an update (distributed/deepspeed.py).
     In fp16 the loss scaler's own overflow skips are normal and not counted: only a non-finite
     loss counts there. The signal handlers only set a flag; end_step sums it over ranks, so all
     stop after the same step however the signal reached them (SLURM and torchrun signal every

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 
 LOCK_FILE = "run.lock"

@@ -1,7 +1,7 @@
 """The streaming pipeline in one process: global order, resume, coverage, mixing, document masks.
 
 Ranks are simulated by building one Loader per rank (the pipeline never talks to other ranks;
-tests/dist/test_data_runs.py repeats the determinism and resume checks with real processes).
+tests/distributed/test_data_runs.py repeats the determinism and resume checks with real processes).
 DataLoader workers are real processes.
 """
 

@@ -1,6 +1,6 @@
 """A checkpoint resumes only into the model it saved: the recorded architecture (meta "model")
 against the config's, differing fields named (exit 2). The multi-process runs in
-tests/dist/test_pretrain_runs.py check the same through the command line."""
+tests/distributed/test_pretrain_runs.py check the same through the command line."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The engine writes and reads real torch files the way DeepSpeed's does (model sta
 optimizer file per rank), so what is tested is our side: fsync before the rename, the manifest
 written last and checked on load, the fallback of `resume=auto`, rollbacks that set checkpoints
 aside instead of deleting them, and checkpoints written before manifests existed. The same
-properties are checked end to end with real DeepSpeed runs in tests/dist/test_checkpoint_faults.py.
+properties are checked end to end with real DeepSpeed runs in tests/distributed/test_checkpoint_faults.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The loop's guards in-process: strict JSON metrics, the matmul probe's RNG, skip counting, signals.
 
-Real runs (divergence, SIGTERM, exact resume with dropout) are in tests/dist/test_reliability.py.
+Real runs (divergence, SIGTERM, exact resume with dropout) are in tests/distributed/test_reliability.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The run directory lock (train/runlock.py): one run per run dir, a dead holder's lock taken over.
 
-Two real `llmstack pretrain` runs on one run directory are in tests/dist/test_checkpoint_faults.py;
+Two real `llmstack pretrain` runs on one run directory are in tests/distributed/test_checkpoint_faults.py;
 here the lock is exercised directly, with holders in other processes.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.train import runlock
 from tests.conftest import child_env

@@ -1,6 +1,6 @@
 """Checkpoint files are data: a crafted pickle inside one is refused, never executed.
 
-Unit tests of the weights-only loading in llmstack/dist/deepspeed.py, and (slow) the commands a
+Unit tests of the weights-only loading in llmstack/distributed/deepspeed.py, and (slow) the commands a
 user types on a real ZeRO-2 checkpoint with one file replaced by a crafted one: `generate`,
 resume and `model.init` exit 2 and the crafted code never runs.
 """
@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from llmstack.dist import deepspeed as ds
+from llmstack.distributed import deepspeed as ds
 from llmstack.errors import UsageError
 from llmstack.train import checkpoint as ckpt
 from tests.conftest import pretrain, run_cmd

@@ -1,7 +1,7 @@
 """Launch commands derived from a scheduler's environment (SLURM today).
 
 launch/slurm.sbatch stays a thin script: it runs one task per node, and each task calls
-`python -m llmstack.dist.launch slurm -- ARGS`, which works out this node's torchrun command from
+`python -m llmstack.distributed.launch slurm -- ARGS`, which works out this node's torchrun command from
 the SLURM variables (nodes, node id, GPUs, the first host of the allocation as rendezvous) and
 execs it. Keeping the logic here makes it unit-testable without a cluster.
 """
@@ -66,7 +66,7 @@ def slurm_torchrun_command(env: Mapping[str, str], args: list[str], *, port: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmstack.dist.launch",
+    p = argparse.ArgumentParser(prog="python -m llmstack.distributed.launch",
                                 description="Run this node's part of a multi-node job from the scheduler's environment.")
     sub = p.add_subparsers(dest="scheduler", required=True)
     s = sub.add_parser("slurm", help="torchrun from SLURM variables (one srun task per node)")

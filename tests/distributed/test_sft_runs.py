@@ -91,7 +91,7 @@ def test_lora_changes_only_adapted_layers_and_exports_merged(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from llmstack import models
-    from llmstack.dist import deepspeed as ds
+    from llmstack.distributed import deepspeed as ds
     from llmstack.models.lora import apply_lora
     from llmstack.stages.export import export
     from llmstack.train import checkpoint as ckpt

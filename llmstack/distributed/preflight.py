@@ -94,7 +94,7 @@ def probe_argv(host: str, port: int, timeout: int = 60) -> list[str]:
     """
     if host.startswith("-"):
         raise UsageError(f"{host!r} is not a host name")
-    cmd = [sys.executable, "-m", "llmstack.dist.preflight", "--probe", str(int(port))]
+    cmd = [sys.executable, "-m", "llmstack.distributed.preflight", "--probe", str(int(port))]
     if host in LOCAL_NAMES or host == socket.gethostname():
         return cmd
     return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={min(timeout, 15)}", "--", host, shlex.join(cmd)]

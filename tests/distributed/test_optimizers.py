@@ -3,7 +3,7 @@ straight run exactly, and ZeRO 1/2 (flat per-rank partitions; LAMB and Adafactor
 per-parameter statistics across ranks) and 3 equal ZeRO-0 (whole parameters on every rank).
 LAMB and Adafactor under ZeRO-3 are refused with a message naming the option.
 
-One launch of tests/dist/optim_runs.py covers all combinations; a single-process `llmstack
+One launch of tests/distributed/optim_runs.py covers all combinations; a single-process `llmstack
 pretrain` run checks that the config keys reach the engine and the loss.
 """
 
@@ -27,7 +27,7 @@ def results(tmp_path_factory, tokenizer_dir):
     port = free_port()
     try:
         run_cmd([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-                 str(REPO / "tests/dist/optim_runs.py"), "--out", str(out), "--tokenizer", str(tokenizer_dir),
+                 str(REPO / "tests/distributed/optim_runs.py"), "--out", str(out), "--tokenizer", str(tokenizer_dir),
                  "--stages", "0,1,2,3", "--optimizers", ",".join(OPTIMIZERS), "--steps", "6"], cwd=tmp)
     finally:
         # DeepSpeed's CPU shared-memory all-reduce leaves a 69 MB file per rank in /dev/shm, named

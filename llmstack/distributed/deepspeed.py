@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from llmstack.dist import env
+from llmstack.distributed import env
 from llmstack.errors import UsageError
 
 
@@ -604,7 +604,7 @@ def _bf16_zero1_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 # its worker processes are forked, so they inherit the setting. A refused file exits 2.
 _UNIVERSAL_RUNNER = """
 import runpy, sys, warnings
-from llmstack.dist.deepspeed import weights_only_loads
+from llmstack.distributed.deepspeed import weights_only_loads
 from llmstack.errors import UsageError
 warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
 sys.argv[0] = "ds_to_universal"
@@ -701,5 +701,5 @@ def compile_engine(engine) -> None:
     recompiles them per module type and, past its recompile limit (8), runs them eagerly (a
     warning, not an error). Compiling the bare model before `deepspeed.initialize`, as the stages
     used to, bypasses all of this. Checked on CPU (torch 2.13, deepspeed 0.19.8): per-step losses
-    of compiled ZeRO-0 and 2-process ZeRO-3 runs equal the eager run's (tests/dist/test_compile.py)."""
+    of compiled ZeRO-0 and 2-process ZeRO-3 runs equal the eager run's (tests/distributed/test_compile.py)."""
     engine.compile(compile_kwargs={})

@@ -1,6 +1,6 @@
 """Test entry point: every optimizer trains the tiny GPT under each ZeRO stage, as one rank of a launch.
 
-    deepspeed --num_gpus 2 tests/dist/optim_runs.py --out FILE --tokenizer TOK [--stages 0,2] [--optimizers ...]
+    deepspeed --num_gpus 2 tests/distributed/optim_runs.py --out FILE --tokenizer TOK [--stages 0,2] [--optimizers ...]
 
 For each (stage, optimizer): a straight run of --steps steps, and a run stopped after half of them,
 checkpointed (train/checkpoint.py), rebuilt from scratch and resumed; a combination the engine
@@ -40,8 +40,8 @@ def token_rows(tokenizer_path: str, n_rows: int) -> torch.Tensor:
 
 def run(name: str, stage: int, rows: torch.Tensor, vocab: int, steps: int, *, start: int = 0, stop: int | None = None,
         ckpt_root: Path | None = None) -> list[float]:
-    from llmstack.dist import deepspeed as ds
-    from llmstack.dist import env
+    from llmstack.distributed import deepspeed as ds
+    from llmstack.distributed import env
     from llmstack.models.gpt import gpt_config_from_preset
     from llmstack.stages import common
     from llmstack.train import checkpoint as ckpt
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     args, _ = p.parse_known_args()  # the deepspeed launcher appends --local_rank=N
 
-    from llmstack.dist import env
+    from llmstack.distributed import env
     from llmstack.errors import UsageError
 
     env.init("gloo", 120)

@@ -2,7 +2,7 @@
 from existing weights (tied and untied), and a rotary model trained in bf16 under ZeRO-3 whose
 long-context logits match transformers.
 
-Real launches: tests/dist/precision_matrix.py and tests/dist/init_logits.py run as ranks of the
+Real launches: tests/distributed/precision_matrix.py and tests/distributed/init_logits.py run as ranks of the
 deepspeed launcher (two processes) and as one plain process.
 """
 
@@ -43,7 +43,7 @@ def matrix(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("precision")
     out = {}
     for n in (1, 2):
-        launch("tests/dist/precision_matrix.py", ["--out", str(tmp / f"{n}.json"), "--steps", "3"], n, tmp)
+        launch("tests/distributed/precision_matrix.py", ["--out", str(tmp / f"{n}.json"), "--steps", "3"], n, tmp)
         out[n] = json.loads((tmp / f"{n}.json").read_text())
     return out
 
@@ -118,8 +118,8 @@ def sources(tmp_path_factory, tokenizer_dir):
     torch.save(ids_1024, tmp / "ids_1024.pt")
     runs = [arg for name in ("gpt2", "gpt2_hf", "llama", "llama_hf")
             for arg in ("--run", str(src[name]), "fp32", str(tmp / f"{name}.pt"))]
-    launch("tests/dist/init_logits.py", ["--ids", str(tmp / "ids.pt"), "--stage", "3", *runs], 2, tmp)
-    launch("tests/dist/init_logits.py", ["--ids", str(tmp / "ids_1024.pt"), "--stage", "3",
+    launch("tests/distributed/init_logits.py", ["--ids", str(tmp / "ids.pt"), "--stage", "3", *runs], 2, tmp)
+    launch("tests/distributed/init_logits.py", ["--ids", str(tmp / "ids_1024.pt"), "--stage", "3",
                                          "--run", str(src["llama"]), "bf16", str(tmp / "llama_bf16.pt")], 2, tmp)
     logits = {p.stem: torch.load(p) for p in tmp.glob("*.pt") if not p.stem.startswith("ids")}
     return src, ids, ids_1024, logits
@@ -172,7 +172,7 @@ def test_bf16_zero1_checkpoint_consolidates_to_its_fp32_masters(tmp_path, tokeni
     """bf16 at ZeRO-1 runs DeepSpeed's bf16 optimizer (fp32 gradient accumulation), whose
     `bf16_zero_pp_rank_*` files DeepSpeed's zero_to_fp32 cannot read: consolidation (export,
     generate, model.init) rebuilds the fp32 master weights from the ranks' partitions."""
-    from llmstack.dist.deepspeed import consolidated_state_dict, safe_load
+    from llmstack.distributed.deepspeed import consolidated_state_dict, safe_load
 
     _, run_dir = pretrain(tmp_path, tokenizer_dir, "z1", "train.max_steps=2", "train.micro_batch=2", "precision=bf16",
                           "zero.stage=1", nprocs=2, launcher="deepspeed")

@@ -1,6 +1,6 @@
 """Test entry point: run the data pipeline as one rank of a real launch and dump what it sees.
 
-    deepspeed --num_gpus 2 tests/dist/dump_batches.py --out DIR --tokenizer TOK --source PATH=WEIGHT ...
+    deepspeed --num_gpus 2 tests/distributed/dump_batches.py --out DIR --tokenizer TOK --source PATH=WEIGHT ...
 
 Each rank writes DIR/rank<R>.npy: its input_ids rows in the order it consumed them (row n is
 global position R_rank + n * world). With --save-after N the merged data state of all ranks
@@ -34,7 +34,7 @@ def main() -> None:
     from data_pipeline.sources import resolve_source
     from data_pipeline.stream import Loader, StreamConfig, merge_states
     from data_pipeline.tokenizer import load_tokenizer
-    from llmstack.dist import env
+    from llmstack.distributed import env
 
     env.init("gloo", 120)
     rank, world = env.rank(), env.world_size()

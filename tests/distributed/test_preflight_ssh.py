@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from llmstack.dist.preflight import parse_hostfile, probe_argv
+from llmstack.distributed.preflight import parse_hostfile, probe_argv
 from llmstack.errors import UsageError
 
 
@@ -17,7 +17,7 @@ def test_remote_host_comes_after_double_dash():
     i = argv.index("--")
     assert argv[i + 1] == "gpu-07" and all(not a.startswith("gpu-07") for a in argv[:i])
     # what ssh hands to the remote shell: one quoted string that splits back into our command
-    assert shlex.split(argv[i + 2]) == [sys.executable, "-m", "llmstack.dist.preflight", "--probe", "29500"]
+    assert shlex.split(argv[i + 2]) == [sys.executable, "-m", "llmstack.distributed.preflight", "--probe", "29500"]
     assert len(argv) == i + 3
 
 

@@ -31,7 +31,7 @@ def launch(tmp, script: list[str], *overrides, env=None):
 def test_rank0_trains_tokenizer_longer_than_collective_timeout(tmp_path):
     # rank 0's tokenizer training takes > 15 s; collectives time out after 10 s (a barrier there
     # failed with gloo's "Timed out waiting 10000ms")
-    proc, _ = launch(tmp_path, [str(REPO / "tests/dist/slow_tokenizer.py")], "dist.timeout_s=10",
+    proc, _ = launch(tmp_path, [str(REPO / "tests/distributed/slow_tokenizer.py")], "dist.timeout_s=10",
                      env=child_env(SLOW_TOKENIZER_S=15))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -83,7 +83,7 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     import deepspeed  # deferred: importing deepspeed costs seconds and logs noise
 
-    from llmstack.dist import watchdog
+    from llmstack.distributed import watchdog
 
     watchdog.default_group_timeout(timedelta(seconds=timeout_s))  # DeepSpeed's groups too (see watchdog.py)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
@@ -202,7 +202,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             barrier()
-        from llmstack.dist import watchdog
+        from llmstack.distributed import watchdog
 
         watchdog.stop()  # after the barrier: a peer still working must not take this rank for lost
         with contextlib.suppress(Exception):

@@ -1,7 +1,7 @@
 """Test entry point: a non-finite step applies no update under every ZeRO stage, fp32 and bf16.
 
-    deepspeed --num_gpus 2 tests/dist/skip_matrix.py --out FILE
-    python tests/dist/skip_matrix.py --out FILE                       (one process)
+    deepspeed --num_gpus 2 tests/distributed/skip_matrix.py --out FILE
+    python tests/distributed/skip_matrix.py --out FILE                       (one process)
 
 For each (precision, stage) a tiny GPT in a real DeepSpeed engine (AdamW, 2 micro-batches per
 step) trains through train/loop.py's RunGuard for these steps:
@@ -46,8 +46,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def run(precision: str, stage: int) -> list[dict]:
-    from llmstack.dist import deepspeed as ds
-    from llmstack.dist import env
+    from llmstack.distributed import deepspeed as ds
+    from llmstack.distributed import env
     from llmstack.models.gpt import gpt_config_from_preset
     from llmstack.stages import common
     from llmstack.train.loop import RunGuard
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
     args = p.parse_args()
 
-    from llmstack.dist import env
+    from llmstack.distributed import env
 
     env.init("auto", 300)
     results: dict = {}

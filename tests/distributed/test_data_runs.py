@@ -16,7 +16,7 @@ from tests.conftest import BIN, REPO, free_port, losses, pretrain, run_cmd
 from tests.data_pipeline import corpus
 
 pytestmark = pytest.mark.slow
-DUMP = str(REPO / "tests/dist/dump_batches.py")
+DUMP = str(REPO / "tests/distributed/dump_batches.py")
 G, T, V = 8, 32, 16
 
 

@@ -1,7 +1,7 @@
 """Test entry point: every model family under every ZeRO stage in fp32 and bf16, as one rank of a launch.
 
-    deepspeed --num_gpus 2 tests/dist/precision_matrix.py --out FILE [--steps 3]
-    python tests/dist/precision_matrix.py --out FILE                          (one process)
+    deepspeed --num_gpus 2 tests/distributed/precision_matrix.py --out FILE [--steps 3]
+    python tests/distributed/precision_matrix.py --out FILE                          (one process)
 
 For each (family, precision, stage) the model is built and initialised the way the stages do it
 (stages/common.build_model: under `deepspeed.zero.Init` for ZeRO-3, module-by-module init), wrapped
@@ -66,8 +66,8 @@ def weights_digest(model, stage: int) -> str:
 
 def run(preset: str, precision: str, stage: int, steps: int) -> dict:
     from llmstack import models
-    from llmstack.dist import deepspeed as ds
-    from llmstack.dist import env
+    from llmstack.distributed import deepspeed as ds
+    from llmstack.distributed import env
     from llmstack.stages import common
 
     family, overrides = FAMILIES[preset]
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
     args = p.parse_args()
 
-    from llmstack.dist import env
+    from llmstack.distributed import env
 
     env.init("auto", 300)
     results: dict = {}

@@ -1,7 +1,7 @@
 """Test entry point: `llmstack ...` whose training loss turns NaN from one micro-batch on.
 
-    python tests/dist/nan_driver.py FIRST[:LAST] [RANK] -- pretrain CONFIG [key=value ...]
-    deepspeed --num_gpus 2 tests/dist/nan_driver.py 5:7 1 -- pretrain CONFIG [...]
+    python tests/distributed/nan_driver.py FIRST[:LAST] [RANK] -- pretrain CONFIG [key=value ...]
+    deepspeed --num_gpus 2 tests/distributed/nan_driver.py 5:7 1 -- pretrain CONFIG [...]
 
 The losses of this process's training micro-batches FIRST+1 .. LAST (1-based; to the end without
 LAST) are multiplied by NaN, only on rank RANK when given: the way a bad batch or an overflow

@@ -1,5 +1,5 @@
 """A rank that stops answering ends the job within dist.timeout_s (plus a margin), with a message
-naming it, instead of leaving the other ranks waiting forever (llmstack/dist/watchdog.py)."""
+naming it, instead of leaving the other ranks waiting forever (llmstack/distributed/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ PROBE = """
 import os, signal, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from llmstack.dist.watchdog import default_group_timeout
+from llmstack.distributed.watchdog import default_group_timeout
 rank = int(sys.argv[1])
 default_group_timeout(timedelta(seconds=5))
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=5))

@@ -4,7 +4,7 @@ CPU has no allocator statistics like CUDA's max_memory_allocated, so a thread sa
 mallinfo2 (bytes in use: arena + mmap'd blocks, which is where torch's CPU tensors live) every
 half millisecond. The baseline is taken as the model starts being built, so imports, the
 tokenizer and the corpus cache are not counted. Prints one JSON line: {"peak_bytes": ...}.
-Usage: python tests/dist/memory_probe.py CONFIG [key=value ...]
+Usage: python tests/distributed/memory_probe.py CONFIG [key=value ...]
 """
 
 import ctypes

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from llmstack.dist.launch import expand_hostlist, slurm_torchrun_command
-from llmstack.dist.preflight import compare, parse_hostfile
+from llmstack.distributed.launch import expand_hostlist, slurm_torchrun_command
+from llmstack.distributed.preflight import compare, parse_hostfile
 from llmstack.errors import UsageError
 from tests.conftest import BIN, REPO, child_env
 
@@ -40,11 +40,11 @@ def test_slurm_torchrun_command_for_a_node():
 
 def test_launch_module_prints_command_and_refuses_outside_slurm():
     env = child_env(**SLURM_ENV)
-    out = subprocess.run([sys.executable, "-m", "llmstack.dist.launch", "slurm", "--print", "--", "pretrain", "x.yaml"],
+    out = subprocess.run([sys.executable, "-m", "llmstack.distributed.launch", "slurm", "--print", "--", "pretrain", "x.yaml"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("torchrun --nnodes=3 --node_rank=2")
     bare = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
-    out = subprocess.run([sys.executable, "-m", "llmstack.dist.launch", "slurm", "--", "pretrain", "x.yaml"],
+    out = subprocess.run([sys.executable, "-m", "llmstack.distributed.launch", "slurm", "--", "pretrain", "x.yaml"],
                          env=bare, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not inside a SLURM job" in out.stderr
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.conftest import BIN, REPO, TINY, child_env, free_port, llmstack_cmd, losses, pretrain, run_cmd
-from tests.dist.test_pretrain_runs import ONE_PROC, TWO_PROC, Runs
+from tests.distributed.test_pretrain_runs import ONE_PROC, TWO_PROC, Runs
 
 pytestmark = pytest.mark.slow
 
@@ -143,9 +143,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(runs):
 
 
 def nan_run(runs, name: str, calls: str, overrides: list[str], nprocs: int = 1, rank: int | None = None):
-    """A pretraining through tests/dist/nan_driver.py: NaN losses from micro-batch `calls` on."""
+    """A pretraining through tests/distributed/nan_driver.py: NaN losses from micro-batch `calls` on."""
     run_dir = runs.tmp / name
-    driver = [str(REPO / "tests/dist/nan_driver.py"), calls, *([str(rank)] if rank is not None else []), "--"]
+    driver = [str(REPO / "tests/distributed/nan_driver.py"), calls, *([str(rank)] if rank is not None else []), "--"]
     args = ["pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), *TINY, f"run.dir={run_dir}",
             f"tokenizer.path={runs.tok}", *overrides]
     if nprocs == 1:
@@ -197,10 +197,10 @@ def test_nan_on_one_rank_is_skipped_by_all_and_training_recovers_zero2(runs):
 
 
 def test_skipped_step_changes_no_weights_or_optimizer_state(tmp_path):
-    """tests/dist/skip_matrix.py on two processes: every ZeRO stage, fp32 and bf16."""
+    """tests/distributed/skip_matrix.py on two processes: every ZeRO stage, fp32 and bf16."""
     out = tmp_path / "skip.json"
     run_cmd([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-             str(REPO / "tests/dist/skip_matrix.py"), "--out", str(out)], cwd=tmp_path)
+             str(REPO / "tests/distributed/skip_matrix.py"), "--out", str(out)], cwd=tmp_path)
     results = json.loads(out.read_text())
     for precision in ("fp32", "bf16"):
         for stage in ("0", "1", "2", "3"):

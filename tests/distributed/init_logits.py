@@ -1,6 +1,6 @@
 """Test entry point: start a training engine from other weights (`model.init`) and write its logits.
 
-    deepspeed --num_gpus 2 tests/dist/init_logits.py --ids IDS.pt --stage 3 \
+    deepspeed --num_gpus 2 tests/distributed/init_logits.py --ids IDS.pt --stage 3 \
         --run SRC PRECISION OUT.pt [--run SRC2 PRECISION2 OUT2.pt ...]
 
 For each SRC (a checkpoint, a consolidated directory or a Hugging Face directory) the model is
@@ -18,8 +18,8 @@ import torch
 
 def logits_from(src: str, ids: torch.Tensor, stage: int, precision: str) -> torch.Tensor:
     from llmstack import models
-    from llmstack.dist import deepspeed as ds
-    from llmstack.dist import env
+    from llmstack.distributed import deepspeed as ds
+    from llmstack.distributed import env
     from llmstack.stages import common
     from llmstack.train import checkpoint as ckpt
 
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
     args = p.parse_args()
 
-    from llmstack.dist import env
+    from llmstack.distributed import env
 
     env.init("auto", 300)
     ids = torch.load(args.ids)

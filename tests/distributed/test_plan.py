@@ -53,7 +53,7 @@ def test_estimate_within_20_percent_of_measured_peak(tokenizer_dir, tmp_path, st
     overrides = [f"tokenizer.path={tokenizer_dir}", f"run.dir={tmp_path / 'run'}", "train.resume=none",
                  "train.max_steps=3", "train.eval_every=0", "train.progress=false", f"zero.stage={stage}",
                  "model.preset=gpt2-tiny", "data.seq_len=256", "train.micro_batch=8", "train.grad_accum=1"]
-    proc = subprocess.run([sys.executable, str(REPO / "tests/dist/memory_probe.py"),
+    proc = subprocess.run([sys.executable, str(REPO / "tests/distributed/memory_probe.py"),
                            str(REPO / "configs/pretrain/gpt-tiny.yaml"), *overrides],
                           env=child_env(OMP_NUM_THREADS=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
