@@ -73,26 +73,31 @@ def run_cmd(cmd: list[str], *, cwd: Path, timeout: int = 600, env: dict | None =
     return proc
 
 
-def llmstack_cmd(args: list[str], nprocs: int = 1, launcher: str = "deepspeed") -> list[str]:
-    """The command line a user types: plain `python -m llmstack` for one process, else a launcher."""
+def llmstack_cmd(args: list[str], nprocs: int = 1, launcher: str = "deepspeed",
+                 driver: list[str] | None = None) -> list[str]:
+    """The command line a user types: plain `python -m llmstack` for one process, else a launcher.
+    `driver`: a test entry point (script and its options) that runs the command after `--`."""
+    if driver:
+        entry = module = [str(REPO / driver[0]), *driver[1:], "--"]
+    else:
+        entry, module = ["-m", "llmstack"], ["--module", "llmstack"]
     if nprocs == 1 and launcher == "python":
-        return [sys.executable, "-m", "llmstack", *args]
+        return [sys.executable, *entry, *args]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-                "--module", "llmstack", *args]
-    if launcher == "torchrun":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), *module, *args]
+    if launcher == "torchrun" and not driver:
         return [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(free_port()),
-                "-m", "llmstack", *args]
+                *entry, *args]
     raise ValueError(launcher)
 
 
 def pretrain(tmp: Path, tokenizer: Path, name: str, *overrides: str, nprocs: int = 1, launcher: str = "python",
-             check: bool = True, env: dict | None = None):
+             check: bool = True, env: dict | None = None, driver: list[str] | None = None):
     """Run a tiny pretraining in tmp/name; returns (process, run_dir)."""
     run_dir = tmp / name
     args = ["pretrain", str(REPO / "configs/pretrain/gpt-tiny.yaml"), *TINY, f"run.dir={run_dir}",
             f"tokenizer.path={tokenizer}", *overrides]
-    proc = run_cmd(llmstack_cmd(args, nprocs, launcher), cwd=tmp, env=env, check=check)
+    proc = run_cmd(llmstack_cmd(args, nprocs, launcher, driver), cwd=tmp, env=env, check=check)
     return proc, run_dir
 
 

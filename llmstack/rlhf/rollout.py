@@ -12,6 +12,7 @@ attention, so each row scores exactly as it would alone (tested against unpadded
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -36,6 +37,32 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
         valid[i, P - len(p):P + len(r)] = True
     return {"ids": ids.to(device), "valid": valid.to(device), "response_mask": valid[:, P:].float().to(device),
             "prompt_len": P}
+
+
+@dataclass
+class Rollout:
+    """One PPO rollout batch of this process, scored: B rows, P prompt columns, R response
+    columns (the layout above). Per-token tensors are (B, R) and aligned with the response
+    tokens: column j holds the quantity of response token j (predicted at column P - 1 + j)."""
+
+    ids: torch.Tensor  # (B, P + R) long: prompt (left-padded) | response (right-padded)
+    valid: torch.Tensor  # (B, P + R) bool: real tokens
+    mask: torch.Tensor  # (B, R) float: 1 on response tokens (the stop token included)
+    prompt_len: int  # P
+    old_logp: torch.Tensor  # (B, R) actor log-probs before this step's updates
+    ref_logp: torch.Tensor  # (B, R) frozen reference's log-probs
+    values: torch.Tensor  # (B, R) critic values V(state before token j) before the updates
+    advantages: torch.Tensor  # (B, R) GAE advantages (whitened when ppo.whiten_advantages)
+    returns: torch.Tensor  # (B, R) value targets: advantages + values (before whitening)
+    kl: torch.Tensor  # (B, R) per-token KL estimate to the reference (ppo.kl_estimator)
+    score: torch.Tensor  # (B,) reward model / function score of each conversation
+    reward: torch.Tensor  # (B,) score minus the missing-stop penalty: what PPO maximises
+    reward_normalized: torch.Tensor  # (B,) the reward after running normalisation and clipping
+    stopped: torch.Tensor  # (B,) bool: the response ended with a stop token
+
+    def rows(self, mb: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, valid, response mask) of rows `mb`, the first `cols` columns (P + responses)."""
+        return self.ids[mb, :cols], self.valid[mb, :cols], self.mask[mb, :cols - self.prompt_len]
 
 
 def model_inputs(valid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -1,14 +1,14 @@
-"""Build steps every training stage shares: tokenizer, run directory, model, engine, resume.
+"""The components every training stage builds the same way: tokenizer, architecture, model
+(one builder for every stage and model kind), starting weights, engine.
 
 Each function takes plain arguments (or one config section), so a stage recipe reads as a list of
-calls: tokenizer -> model (under ZeRO-3 init) -> engine -> data -> loop.
+calls: start the run (train/run.py) -> tokenizer -> model (under ZeRO-3 init) -> engine -> data
+-> the Trainer (train/trainer.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,12 +16,18 @@ import torch
 
 from data_pipeline import sources as data_sources
 from data_pipeline import tokenizer as tokenization
-from llmstack.config import SourceConfig, TokenizerConfig, to_yaml
+from llmstack.config import SourceConfig, TokenizerConfig
 from llmstack.distributed import deepspeed as ds
 from llmstack.distributed import env
 from llmstack.errors import RankError, UsageError
 from llmstack import models
 from llmstack.train import checkpoint as ckpt
+from llmstack.train import weights
+from llmstack.train.meta import CheckpointMeta
+from llmstack.train.run import check_architecture, check_tokenizer
+
+# Starting weights as weights.read_weights gives them: (source, record, fp32 state dict)
+Init = tuple[Path, CheckpointMeta, dict]
 
 
 def source_texts(sources: list[SourceConfig]):
@@ -77,24 +83,23 @@ def ensure_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
     return tokenization.load_tokenizer(tok.path)
 
 
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def peak_flops(precision: str) -> float:
+    """FLOP/s that MFU divides by: vendor peak on known GPUs, else a matmul peak measured now."""
+    from llmstack.train.metrics import measure_matmul_peak, vendor_peak
+
+    dev = env.device()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return vendor_peak(dev, precision) or measure_matmul_peak(dev, dtype, seconds=0.3)
 
 
-def prepare_run_dir(run_dir: Path, cfg, tokenizer_hash: str, extra: dict | None = None) -> None:
-    """Rank 0 records the resolved config, code revision and tokenizer hash in the run directory."""
-    if not env.is_main():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    info = {"git_revision": git_revision(), "tokenizer_hash": tokenizer_hash, "argv": sys.argv,
-            "world_size": env.world_size(), "torch": torch.__version__, **(extra or {})}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def model_stats(arch, seq_len: int) -> tuple[int, float]:
+    """(parameters, training FLOPs/token), counted on a meta-device copy: ZeRO-3 has already
+    partitioned the real model's parameters, so it cannot be counted directly."""
+    with torch.device("meta"):
+        model = models.build_model(models.family_of_config(arch), arch)
+    return model.num_params(), model.flops_per_token(seq_len)
 
 
 def model_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpointing: bool, pad_id: int | None = None):
@@ -112,75 +117,62 @@ def model_config(model_cfg, vocab_size: int, seq_len: int, activation_checkpoint
     return arch
 
 
-def build_model(arch, ds_config: dict, zero_stage: int, seed: int):
-    """Construct (partitioned under ZeRO-3) and initialise; identical weights for every stage/world."""
+def build_model(arch, ds_config: dict, zero_stage: int, seed: int, *, cls=None, init: Init | None = None,
+                tokenizer_hash: str | None = None, what: str = "model.init"):
+    """The one model builder of every stage: `cls(arch)` (default: the architecture's family
+    model; PolicyLM, ScalarHeadModel for RLHF) constructed partitioned under ZeRO-3, initialised
+    from `seed` (identical weights for any world size), then loaded from `init` when given."""
     torch.manual_seed(seed)
     with ds.model_init_context(ds_config, zero_stage):
-        model = models.build_model(models.family_of_config(arch), arch)
+        model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
     torch.manual_seed(seed)
     ds.init_weights(model, model.init_module_, zero_stage)
+    if init is not None:
+        load_weights(model, init, zero_stage, tokenizer_hash, what)
+        env.print0(f"initialised weights from {init[0]}")
     return model
+
+
+def load_weights(model, init: Init, zero_stage: int, tokenizer_hash: str | None, what: str = "model.init") -> None:
+    """Load starting weights into `model`, refusing another family, tokenizer or vocabulary.
+
+    A scalar-head model (reward model, critic) takes everything from a reward model / critic
+    checkpoint, or its backbone from a language model's weights (fresh head); a language model
+    refuses a scalar-head checkpoint. `what` names the config key in errors."""
+    from llmstack.models.heads import ScalarHeadModel, backbone_state, is_scalar_state
+
+    src, info, state = init
+    scalar_model = isinstance(model, ScalarHeadModel)
+    family = "gpt" if scalar_model else models.family_of_model(model)
+    if info.model_family != family:
+        raise UsageError(f"{what}={src} holds a {info.model_family} model; this run trains a {family}")
+    if tokenizer_hash is not None:
+        check_tokenizer(info.tokenizer_hash, tokenizer_hash, f"{what} {src}")
+    # a directory that records no tokenizer (a Hugging Face one) passes the hash check with any
+    vocab = (model.backbone if scalar_model else model).config.vocab_size
+    if info.vocab_size is not None and info.vocab_size != vocab:
+        raise UsageError(f"{what}={src} embeds {info.vocab_size} tokens, this run's tokenizer has {vocab}: "
+                         "set tokenizer.path to the tokenizer of those weights")
+    scalar_state = is_scalar_state(state)
+    if scalar_model and not scalar_state:
+        ds.load_state_dict_into(model.backbone, backbone_state(state), zero_stage)
+    elif scalar_state and not scalar_model:
+        raise UsageError(f"{what} {src} is a reward model / critic (a scalar head), not a language model")
+    else:
+        ds.load_state_dict_into(model, state, zero_stage)
 
 
 def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: str) -> Path:
     """Start from other weights (model.init): a checkpoint, a consolidated or imported directory
     (`llmstack import`), or a Hugging Face directory; same tokenizer and family required."""
-    src, info, state = ckpt.read_weights(init_path)
-    family = models.family_of_model(model)
-    if info.get("model_family", "gpt") != family:
-        raise UsageError(f"model.init={init_path} holds a {info.get('model_family')} model; this run trains a {family}")
-    check_tokenizer(info.get("tokenizer_hash"), tokenizer_hash, src)
-    # a directory that records no tokenizer (a Hugging Face one) passes the hash check with any
-    saved_vocab, vocab = (info.get("model") or {}).get("vocab_size"), model.config.vocab_size
-    if isinstance(saved_vocab, int) and saved_vocab != vocab:
-        raise UsageError(f"model.init={init_path} embeds {saved_vocab} tokens, this run's tokenizer has {vocab}: "
-                         "set tokenizer.path to the tokenizer of those weights")
-    ds.load_state_dict_into(model, state, zero_stage)
-    return src
+    init = weights.read_weights(init_path)
+    load_weights(model, init, zero_stage, tokenizer_hash)
+    return init[0]
 
 
-def check_tokenizer(saved: str | None, current: str, where) -> None:
-    if saved and saved != current:
-        raise UsageError(
-            f"tokenizer mismatch: {where} was made with tokenizer {saved}, the config's tokenizer is {current}; "
-            "set tokenizer.path to the tokenizer of that checkpoint"
-        )
-
-
-def find_resume_checkpoint(resume: str, ckpt_root: Path, run_dir: Path | None = None) -> Path | None:
-    """Start a run (every rank calls this once, first thing after env.init): rank 0 locks the run
-    dir (default: the one holding ckpt_root) against a second run, then `auto`: the newest
-    checkpoint that verifies; `none`: start fresh; else the given path, which must verify.
-    Checkpoints the run will not continue are moved aside, never deleted (ckpt.start_run)."""
-    return ckpt.start_run(resume, ckpt_root, run_dir or ckpt.run_dir_of(ckpt_root))
-
-
-# Fields of a recorded architecture that may change on resume: how activations are stored and
-# how much dropout the remaining steps use, not what the saved weights compute.
-RESUMABLE_CHANGES = ("activation_checkpointing", "dropout", "attn_dropout")
-
-
-def check_resume_architecture(saved_meta: dict, family: str, arch, where) -> None:
-    """Refuse to resume `where` into another model than the one it saved: the checkpoint's
-    recorded family and architecture (meta "model_family", "model") against this run's.
-
-    Another size failed late with a shape error; a change that keeps every shape (n_head at the
-    same d_model, rope_theta, the norm, the activation, the positions) loaded without complaint
-    and went on training a different function of the saved weights. Fields the checkpoint does
-    not record (written by an older version) are not compared.
-    """
-    diff = []
-    if saved_meta.get("model_family", family) != family:
-        diff.append(f"model.family: {saved_meta['model_family']!r} -> {family!r}")
-    saved = saved_meta.get("model") or {}
-    now = arch if isinstance(arch, dict) else dict(vars(arch))
-    now = json.loads(json.dumps(now, default=str))  # as meta.json holds it (tuples as lists)
-    diff += [f"model.{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved)
-             if k in now and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
-    if diff:
-        raise UsageError(f"cannot resume from {where}: this run's model differs from the checkpoint's ("
-                         + "; ".join(diff) + "); resume with the checkpoint's architecture, or start a new run "
-                         "(another run.dir, or train.resume=none)")
+def read_init(init_path: str | None) -> Init | None:
+    """(source, record, fp32 state) of starting weights, or None when training from scratch."""
+    return weights.read_weights(init_path) if init_path else None
 
 
 def recorded_architecture(path: str) -> tuple[str, dict] | None:
@@ -190,52 +182,42 @@ def recorded_architecture(path: str) -> tuple[str, dict] | None:
     p = Path(path)
     try:
         if (p / "llmstack_model.json").is_file():
-            info = json.loads((p / "llmstack_model.json").read_text())
+            info = CheckpointMeta.read(p / "llmstack_model.json")
         elif (p / "config.json").is_file() and not (p / ckpt.META).is_file():
             return None
         else:
             info = ckpt.read_meta(ckpt.resolve(p))
     except (UsageError, OSError, ValueError):
         return None
-    return (info.get("model_family", "gpt"), info["model"]) if isinstance(info.get("model"), dict) else None
+    return (info.model_family, info.model) if isinstance(info.model, dict) else None
 
 
-def peak_flops(precision: str) -> float:
-    """FLOP/s that MFU divides by: vendor peak on known GPUs, else a matmul peak measured now."""
-    from llmstack.train.metrics import measure_matmul_peak, vendor_peak
-
-    dev = env.device()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return vendor_peak(dev, precision) or measure_matmul_peak(dev, dtype, seconds=0.3)
+# --- fine-tuning stages (sft, rm, dpo, ppo): a GPT from model.init, its tokenizer ---
 
 
-# --- RLHF stages (rm, dpo, ppo): starting weights, tokenizer, policy / scalar-head models ---
-
-
-def read_init(init_path: str | None) -> tuple[Path, dict, dict] | None:
-    """(source, info, fp32 state) of model.init, or None when training from scratch."""
-    return ckpt.read_weights(init_path) if init_path else None
-
-
-def finetune_tokenizer(tok, init) -> object:
+def finetune_tokenizer(tok: TokenizerConfig, recorded: Init | None):
     """The tokenizer of a fine-tuning stage: tokenizer.path when set explicitly (not empty), else
-    the one recorded with the starting weights (model.init), else tokenizer.path (trained if missing)."""
-    if init is not None and (not tok.path or "path" not in tok.model_fields_set):
-        src, info, _ = init
-        return ckpt.recorded_tokenizer(info, src)
-    return ensure_tokenizer(tok, [SourceConfig(path="builtin:train")])
+    the one recorded with the starting weights or the checkpoint resumed, else tokenizer.path
+    (trained if missing); always checked against the recorded hash."""
+    if recorded is not None and (not tok.path or "path" not in tok.model_fields_set):
+        return weights.recorded_tokenizer(recorded[1], recorded[0])
+    tokenizer = ensure_tokenizer(tok, [SourceConfig(path="builtin:train")])
+    if recorded is not None:
+        check_tokenizer(recorded[1].tokenizer_hash, tokenizer.hash, recorded[0])
+    return tokenizer
 
 
-def rlhf_arch(model_cfg, init, vocab_size: int, seq_len: int, activation_checkpointing: bool):
-    """The GPT architecture: recorded with the starting weights, or from the config's model fields."""
-    if init is None:
+def finetune_arch(model_cfg, recorded: Init | None, vocab_size: int, seq_len: int, activation_checkpointing: bool):
+    """The GPT architecture: recorded with the starting weights (or the checkpoint resumed), or
+    from the config's model fields."""
+    if recorded is None:
         arch = model_config(model_cfg, vocab_size, seq_len, activation_checkpointing)
     else:
-        src, info, _ = init
-        if info.get("model_family", "gpt") != "gpt":
-            raise UsageError(f"{src} holds a {info.get('model_family')} model; RLHF stages train GPT models")
+        src, info = recorded[0], recorded[1]
+        if info.model_family != "gpt":
+            raise UsageError(f"{src} holds a {info.model_family} model; fine-tuning stages train GPT models")
         try:
-            arch = models.config_from_dict("gpt", dict(info["model"], activation_checkpointing=activation_checkpointing))
+            arch = models.config_from_dict("gpt", dict(info.model, activation_checkpointing=activation_checkpointing))
         except (KeyError, ValueError, TypeError) as e:
             raise UsageError(f"{src}: bad recorded architecture: {e}") from None
         if arch.vocab_size < vocab_size:
@@ -245,60 +227,42 @@ def rlhf_arch(model_cfg, init, vocab_size: int, seq_len: int, activation_checkpo
     return arch
 
 
-def build_rlhf_model(cls, arch, ds_config: dict, zero_stage: int, seed: int, init, tokenizer_hash: str, what: str):
-    """A PolicyLM or ScalarHeadModel (partitioned under ZeRO-3), initialised, then loaded from
-    `init` when given: a causal LM's weights give a scalar model its backbone (fresh head); a
-    reward model / critic checkpoint gives it everything. `what` names the model in errors."""
-    from llmstack.models.heads import ScalarHeadModel, backbone_state, is_scalar_state
-
-    torch.manual_seed(seed)
-    with ds.model_init_context(ds_config, zero_stage):
-        model = cls(arch)
-    torch.manual_seed(seed)
-    ds.init_weights(model, model.init_module_, zero_stage)
-    if init is None:
-        return model
-    src, info, state = init
-    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer_hash:
-        raise UsageError(f"tokenizer mismatch: {what} {src} was made with tokenizer {info['tokenizer_hash']}, this "
-                         f"run's tokenizer is {tokenizer_hash}; the actor, critic and reward model must share one")
-    scalar = is_scalar_state(state)
-    if isinstance(model, ScalarHeadModel):
-        if scalar:
-            ds.load_state_dict_into(model, state, zero_stage)
-        else:
-            ds.load_state_dict_into(model.backbone, backbone_state(state), zero_stage)
-    elif scalar:
-        raise UsageError(f"{what} {src} is a reward model / critic (a scalar head), not a language model")
-    else:
-        ds.load_state_dict_into(model, state, zero_stage)
-    return model
+def check_resume_model(model_cfg, saved: CheckpointMeta, arch_now, where) -> None:
+    """Refuse to resume a fine-tuning checkpoint of another model than the config names:
+    model.init's recorded architecture (or `arch_now`, the model fields' one, without
+    model.init) against the checkpoint's. A Hugging Face model.init is not converted for this:
+    its path must be the one the run started from."""
+    if model_cfg.init is None:
+        check_architecture(saved, "gpt", arch_now, where)
+        return
+    recorded = recorded_architecture(model_cfg.init)
+    if recorded is not None:
+        check_architecture(saved, recorded[0], recorded[1], where)
+        return
+    was = saved.config_value("model", "init")
+    if was is not None and was != model_cfg.init:
+        raise UsageError(f"cannot resume from {where}: it was trained from model.init={was}, the config names "
+                         f"model.init={model_cfg.init}; resume with the original model.init, or start a new run "
+                         "(another run.dir, or train.resume=none)")
 
 
-def rlhf_meta(step: int, world: int, zero_stage: int, precision: str, tokenizer, arch, cfg, head: str | None,
-              **extra) -> dict:
-    """meta.json of an RLHF checkpoint; `head` is "scalar" for reward models and critics."""
-    return {"step": step, "world_size": world, "zero_stage": zero_stage, "precision": precision,
-            "tokenizer_hash": tokenizer.hash, "tokenizer_path": tokenizer.path, "model_family": "gpt",
-            "head": head, "model": arch.__dict__, "config": cfg.model_dump(mode="json"), "time": time.time(), **extra}
-
-
-def finetune_setup(cfg, cls, ds_config: dict, ckpt_root: Path):
-    """The shared start of the single-model fine-tuning stages (reward model, DPO): the starting
-    checkpoint (model.init), its tokenizer and architecture, the checkpoint to resume from (its
-    tokenizer checked), and a `cls` model loaded from model.init unless resuming.
-    Returns (init, tokenizer, arch, resume_from, model)."""
-    t = cfg.train
-    ds.check_precision(cfg.precision)  # before the starting weights are read
-    init = read_init(cfg.model.init)
-    tokenizer = finetune_tokenizer(cfg.tokenizer, init)
-    arch = rlhf_arch(cfg.model, init, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing)
-    resume_from = find_resume_checkpoint(t.resume, ckpt_root)
-    if resume_from is not None:
-        check_tokenizer(ckpt.read_meta(resume_from).get("tokenizer_hash"), tokenizer.hash, resume_from)
-    model = build_rlhf_model(cls, arch, ds_config, cfg.zero.stage, cfg.seed,
-                             init if resume_from is None else None, tokenizer.hash, "model.init")
-    return init, tokenizer, arch, resume_from, model
+def finetune_start(run, cfg, *, seq_len: int, model_cfg=None) -> tuple[object, object, Init | None]:
+    """(tokenizer, architecture, starting weights) of a fine-tuning stage's model. A fresh run
+    takes them from model.init (or the config's fields and tokenizer); a resumed one from the
+    checkpoint, after checking that model.init still names the model it trained. The weights
+    are read only for a fresh run."""
+    model_cfg = model_cfg or cfg.model
+    resuming = run.saved is not None
+    init = read_init(model_cfg.init) if not resuming else None
+    recorded = (run.resume_from, run.saved, None) if resuming else init
+    tokenizer = finetune_tokenizer(cfg.tokenizer, recorded)
+    arch = finetune_arch(model_cfg, recorded, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing)
+    if resuming:
+        run.check_resume(tokenizer.hash)
+        planned = model_config(model_cfg, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing) \
+            if model_cfg.init is None else None
+        check_resume_model(model_cfg, run.saved, planned, run.resume_from)
+    return tokenizer, arch, init
 
 
 def train_engine(model, train_cfg, ds_config: dict, lr: float | None = None):
@@ -310,6 +274,29 @@ def train_engine(model, train_cfg, ds_config: dict, lr: float | None = None):
     t = train_cfg
     engine = ds.create_engine(model, param_groups(model, t.weight_decay), ds_config, lr=lr or t.lr, betas=t.betas,
                               eps=t.eps, optimizer=t.optimizer, momentum=t.momentum)
-    if t.compile:
+    if getattr(t, "compile", False):
         ds.compile_engine(engine)
     return engine
+
+
+def report_skipped(errors, what: str) -> None:
+    if errors.total:
+        env.print0(f"{what}: skipped {errors.total} records")
+        for line in errors.report():
+            env.print0("  " + line)
+
+
+def preference_data(data, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """(training pairs, validation pairs, skipped counts) of a preference-data config section
+    (reward model, DPO), what was skipped reported."""
+    from data_pipeline.pairs import load_pairs
+
+    train_pairs, train_err = load_pairs(data.sources, tokenizer, data.seq_len, data.on_error)
+    val_pairs, val_err = load_pairs(data.val_sources, tokenizer, data.seq_len, data.on_error, limit=data.val_pairs)
+    report_skipped(train_err, "training pairs")
+    report_skipped(val_err, "validation pairs")
+    if not val_pairs:
+        raise UsageError("no usable validation pairs in data.val_sources")
+    env.print0(f"preference pairs: {len(train_pairs)} training, {len(val_pairs)} validation "
+               f"(skipped {train_err.total} + {val_err.total})")
+    return train_pairs, val_pairs, {"train_skipped": train_err.counts(), "val_skipped": val_err.counts()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline import shards
@@ -18,6 +19,7 @@ from data_pipeline.stream import Loader, StreamConfig
 from llmstack.config import DataConfig, DataPrepareConfig, SourceConfig
 from llmstack.distributed import env
 from llmstack.errors import UsageError
+from llmstack.train.trainer import Callback
 
 
 class DataStop(UsageError):
@@ -79,28 +81,47 @@ def loader(data: DataConfig, sources: list[Source], tokenizer, seed: int, *, mic
         raise UsageError(f"data: {e}") from None
 
 
-class DataStatsLogger:
-    """Wraps a MetricsLogger: every metrics line also gets the tokens taken from each source and
-    the records skipped so far, summed over ranks.
+class DataStats(Callback):
+    """Trainer callback: every metrics line also gets the tokens taken from each source and the
+    records skipped so far, summed over ranks (on_log runs on every rank at the same steps)."""
 
-    The loop calls ``log`` on every rank at the same steps, so the sum is a collective there.
-    """
+    def __init__(self, loader: Loader):
+        self.loader = loader
 
-    def __init__(self, logger, loader: Loader):
-        self.logger, self.loader = logger, loader
-
-    def log(self, record: dict) -> None:
+    def on_log(self, trainer, record: dict) -> None:
         import torch
 
         local = [*self.loader.source_tokens(), self.loader.errors.total]
         total = env.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device())).tolist()
-        record = {**record, "source_tokens": {s.spec: int(n) for s, n in zip(self.loader.sources, total)}}
+        record["source_tokens"] = {s.spec: int(n) for s, n in zip(self.loader.sources, total)}
         if total[-1]:
             record["skipped_records"] = int(total[-1])
-        self.logger.log(record)
 
-    def __getattr__(self, name):
-        return getattr(self.logger, name)
+
+@dataclass
+class PretrainData:
+    train: Batches  # this rank's training micro-batches (from the resumed position)
+    val: list[dict]  # this rank's share of the fixed validation batches
+    manifest: dict  # what run.json records of the data
+
+
+def pretrain_data(data: DataConfig, tokenizer, seed: int, micro_batch: int, eval_batches: int,
+                  state: dict | None = None, resume_from=None) -> PretrainData:
+    """Sources resolved (files listed, shards checked against the tokenizer), the validation
+    sample, and the training loader (from `state`, the data position of the checkpoint resumed)."""
+    train_sources = resolve_sources(data.sources, tokenizer.hash, data.max_record_bytes)
+    val_sources = resolve_sources(data.val_sources, tokenizer.hash, data.max_record_bytes)
+    val = validation_batches(data, val_sources, tokenizer, seed, micro_batch=micro_batch, batches=eval_batches)
+    try:
+        batches = loader(data, train_sources, tokenizer, seed, micro_batch=micro_batch, state=state)
+    except UsageError as e:
+        if state is None:
+            raise
+        raise UsageError(f"cannot resume from {resume_from}: {e}") from None
+    manifest = {"seq_len": data.seq_len, "streams": data.streams, "sources": [s.model_dump() for s in data.sources],
+                "files": {s.spec: len(s.units) for s in train_sources}, "val_sources": [s.spec for s in val_sources],
+                "fingerprint": batches.loader.fp}
+    return PretrainData(train=batches, val=val, manifest=manifest)
 
 
 def validation_batches(data: DataConfig, sources: list[Source], tokenizer, seed: int, *, micro_batch: int,

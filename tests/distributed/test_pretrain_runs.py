@@ -89,7 +89,7 @@ def test_sigkill_during_checkpoint_keeps_previous(runs):
     ref = losses(runs.straight_1p())
     common = ["zero.stage=0", "train.max_steps=20", "train.save_every=5", *ONE_PROC]
     proc, run_dir = pretrain(runs.tmp, runs.tok, "1p-killed", *common, check=False,
-                             env=child_env(LLMSTACK_FAULT_KILL_IN_SAVE=10))
+                             driver=["tests/distributed/fault_driver.py", "--kill-in-save", "10"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / ".tmp_step_10").is_dir(), "the killed save should have left its temp dir"
@@ -191,7 +191,7 @@ def test_torchrun_matches_deepspeed_launcher(runs):
 
 
 def consolidated(run_dir, out):
-    from llmstack.train.checkpoint import load_consolidated
+    from llmstack.train.weights import load_consolidated
 
     return load_consolidated(consolidated_dir(run_dir, out))
 
@@ -205,14 +205,14 @@ def test_consolidated_zero3_checkpoint_equals_other_stages(runs, tmp_path):
     info3, w3 = consolidated(runs.straight_2p(3), tmp_path / "z3")
     _, w1 = consolidated(runs.straight_2p(1), tmp_path / "z1")
     _, w0 = consolidated(runs.straight_1p(), tmp_path / "z0")
-    assert info3["step"] == 20 and set(w3) == set(w1) == set(w0)
+    assert info3.step == 20 and set(w3) == set(w1) == set(w0)
     # atol 1e-4 (a thirtieth of one Adam step at lr 3e-3): entries whose gradient is near zero get
     # Adam updates whose sign follows rounding, so runs that reduce in another order differ there
     # by ~1e-5 after 20 steps; the losses, compared at 1e-5 above, are the equivalence check.
     for k in w3:
         torch.testing.assert_close(w3[k], w1[k], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(w3[k], w0[k], rtol=1e-4, atol=1e-4)
-    model = GPT(GPTConfig(**info3["model"]))
+    model = GPT(GPTConfig(**info3.model))
     missing, unexpected = model.load_state_dict(w3, strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied: stored once
     assert model.lm_head.weight is model.wte.weight
@@ -251,7 +251,7 @@ def test_eval_cli_perplexity_scores_every_token(runs, tmp_path):
 
 
 def consolidated_dir(run_dir, out):
-    from llmstack.train.checkpoint import consolidate
+    from llmstack.train.weights import consolidate
 
     return consolidate(run_dir, out)
 
@@ -286,7 +286,8 @@ def test_failing_rank_ends_the_job_with_a_clear_message(runs, tmp_path):
 
     t0 = time.time()
     proc, _ = pretrain(runs.tmp, runs.tok, "2p-fault", "zero.stage=2", "train.max_steps=20", "dist.timeout_s=60",
-                       *TWO_PROC, nprocs=2, launcher="deepspeed", check=False, env=child_env(LLMSTACK_FAULT_RAISE_AT="1:3"))
+                       *TWO_PROC, nprocs=2, launcher="deepspeed", check=False,
+                       driver=["tests/distributed/fault_driver.py", "--raise-at", "1:3"])
     elapsed = time.time() - t0
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

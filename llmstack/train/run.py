@@ -1,0 +1,174 @@
+"""Starting a training run, the same for every stage: process group, batch arithmetic, run
+directory and its lock, and the checkpoint to resume from with every check a resume needs.
+
+`start(cfg)` is the first call of every stage recipe. Resuming is checked in one place:
+- world size: ZeRO partitions load only on the number of processes that wrote them, unless the
+  checkpoint is universal (`llmstack checkpoint reshape`), which then sets DeepSpeed's
+  `checkpoint.load_universal` in every engine's config (`Run.engine_config`);
+- tokenizer: the checkpoint's tokenizer hash against the run's (`Run.check_resume`);
+- architecture: the recorded family and architecture against the run's (`check_architecture`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmstack.config import to_yaml
+from llmstack.distributed import deepspeed as ds
+from llmstack.distributed import env
+from llmstack.errors import UsageError
+from llmstack.train import checkpoint as ckpt
+from llmstack.train.meta import CheckpointMeta
+
+# Fields of a recorded architecture that may change on resume: how activations are stored and
+# how much dropout the remaining steps use, not what the saved weights compute.
+RESUMABLE_CHANGES = ("activation_checkpointing", "dropout", "attn_dropout")
+
+
+def ds_config_for(cfg, world: int, zero=None, *, micro_batch: int | None = None, grad_accum: int | None = None,
+                  lr: float | None = None) -> tuple[dict, int, int]:
+    """(ds_config, grad_accum, global_batch) of one engine of `cfg` at this world size: the
+    config's zero section (or `zero`), train section and precision; the arguments override the
+    micro-batch, accumulation and learning rate (PPO's engines)."""
+    t, zero = cfg.train, zero or cfg.zero
+    micro, accum, global_batch = ds.resolve_batch(micro_batch or t.micro_batch, grad_accum or t.grad_accum,
+                                                  getattr(t, "global_batch", None) if micro_batch is None else None,
+                                                  world)
+    ds_config = ds.build_ds_config(
+        micro_batch=micro, grad_accum=accum, world=world, precision=cfg.precision, zero_stage=zero.stage,
+        offload_optimizer=zero.offload_optimizer, offload_params=zero.offload_params, grad_clip=t.grad_clip,
+        lr=lr or t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, comm_dtype=zero.comm_dtype,
+        extra=cfg.deepspeed)
+    return ds_config, accum, global_batch
+
+
+@dataclass
+class Run:
+    """A started run (see `start`). `saved` is the meta of the checkpoint to resume from."""
+
+    cfg: object
+    world: int
+    rank: int
+    dir: Path
+    ckpt_root: Path
+    resume_from: Path | None
+    saved: CheckpointMeta | None
+    ds_config: dict | None
+    accum: int
+    global_batch: int
+
+    @property
+    def start_step(self) -> int:
+        return self.saved.step if self.saved is not None else 0
+
+    def engine_config(self, ds_config: dict) -> dict:
+        """An engine's ds_config, reading a universal checkpoint when resuming from one."""
+        if self.saved is None or not self.saved.universal:
+            return ds_config
+        return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+    def check_resume(self, tokenizer_hash: str, family: str | None = None, arch=None) -> None:
+        """Refuse to resume a checkpoint of another tokenizer, or (given) another model."""
+        if self.saved is None:
+            return
+        check_tokenizer(self.saved.tokenizer_hash, tokenizer_hash, self.resume_from)
+        if family is not None:
+            check_architecture(self.saved, family, arch, self.resume_from)
+
+    def meta(self, step: int, tokens: int, *, tokenizer, arch, zero_stage: int, family: str = "gpt",
+             **extra) -> CheckpointMeta:
+        """The record of a checkpoint this run writes at `step`."""
+        return CheckpointMeta(step=step, tokens=tokens, world_size=self.world, zero_stage=zero_stage,
+                              precision=self.cfg.precision, tokenizer_hash=tokenizer.hash,
+                              tokenizer_path=str(tokenizer.path), model_family=family, model=dict(vars(arch)),
+                              config=self.cfg.model_dump(mode="json"), **extra)
+
+    def record(self, tokenizer_hash: str, **extra) -> None:
+        """Rank 0 records the resolved config, code revision and tokenizer hash in the run directory."""
+        if not env.is_main():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(to_yaml(self.cfg))
+        info = {"git_revision": git_revision(), "tokenizer_hash": tokenizer_hash, "argv": sys.argv,
+                "world_size": self.world, "torch": torch.__version__, **extra}
+        (self.dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def start(cfg, *, ckpt_root: Path | None = None) -> Run:
+    """Every rank, first thing: init the process group, check the precision is available, resolve
+    the batch arithmetic (stages with one trained engine: cfg.zero), lock the run directory, pick
+    the checkpoint to resume from (train.resume: auto = the newest that verifies) and check that
+    this world size can load it."""
+    env.init(cfg.dist.backend, cfg.dist.timeout_s)
+    ds.check_precision(cfg.precision)  # before any tokenizer, data or model is built
+    world, t = env.world_size(), cfg.train
+    ds_config, accum, global_batch = ds_config_for(cfg, world) if hasattr(cfg, "zero") else (None, t.grad_accum, 0)
+    run_dir = cfg.run.path
+    root = ckpt_root or run_dir / "checkpoints"
+    resume_from = ckpt.start_run(t.resume, root, run_dir)
+    saved = ckpt.read_meta(resume_from) if resume_from is not None else None
+    if saved is not None and saved.partitioned and saved.world_size != world:
+        raise UsageError(f"{resume_from} holds ZeRO-{saved.zero_stage} partitions of {saved.world_size} processes; "
+                         f"this run has {world}. Resume with the same number of processes, or convert it first: "
+                         f"llmstack checkpoint reshape {resume_from}")
+    run = Run(cfg=cfg, world=world, rank=env.rank(), dir=run_dir, ckpt_root=root, resume_from=resume_from,
+              saved=saved, ds_config=None, accum=accum, global_batch=global_batch)
+    run.ds_config = run.engine_config(ds_config) if ds_config is not None else None
+    return run
+
+
+def check_tokenizer(saved: str | None, current: str, where) -> None:
+    if saved and saved != current:
+        raise UsageError(
+            f"tokenizer mismatch: {where} was made with tokenizer {saved}, the config's tokenizer is {current}; "
+            "set tokenizer.path to the tokenizer of that checkpoint"
+        )
+
+
+def check_architecture(saved: CheckpointMeta, family: str, arch, where) -> None:
+    """Refuse to resume `where` into another model than the one it saved: the checkpoint's
+    recorded family and architecture against this run's.
+
+    Another size failed late with a shape error; a change that keeps every shape (n_head at the
+    same d_model, rope_theta, the norm, the activation, the positions) loaded without complaint
+    and went on training a different function of the saved weights. Fields the checkpoint does
+    not record (written by an older version) are not compared.
+    """
+    diff = []
+    if saved.model_family != family:
+        diff.append(f"model.family: {saved.model_family!r} -> {family!r}")
+    recorded = saved.model or {}
+    now = arch if isinstance(arch, dict) else dict(vars(arch))
+    now = json.loads(json.dumps(now, default=str))  # as meta.json holds it (tuples as lists)
+    diff += [f"model.{k}: {recorded[k]!r} -> {now[k]!r}" for k in sorted(recorded)
+             if k in now and k not in RESUMABLE_CHANGES and recorded[k] != now[k]]
+    if diff:
+        raise UsageError(f"cannot resume from {where}: this run's model differs from the checkpoint's ("
+                         + "; ".join(diff) + "); resume with the checkpoint's architecture, or start a new run "
+                         "(another run.dir, or train.resume=none)")
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dry_run(cfg) -> None:
+    """`--dry-run` of a training stage: the resolved config, and the DeepSpeed config of a
+    one-engine stage at this world size; touches nothing."""
+    print("# resolved config")
+    print(to_yaml(cfg), end="")
+    if hasattr(cfg, "zero"):
+        ds_config, _, _ = ds_config_for(cfg, env.world_size())
+        print(f"# deepspeed config (world size {env.world_size()})")
+        print(json.dumps(ds_config, indent=2))
