@@ -12,10 +12,14 @@ import re
 import sys
 import time
 
+from data_pipeline.errors import DataError
 from llmstack.errors import Diverged, TrainingStopped, UsageError
 
 # seconds a rank that failed for another reason waits before exiting (see main)
 _PEER_EXIT_GRACE_S = 3.0
+
+# the commands dispatched through llmstack.stages.STAGES (imported only when one of them runs)
+TRAINING_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
 
@@ -222,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 env.exit_after_group(rc)  # does not return if one was started (see there why)
             env.shutdown()
         return rc
-    except UsageError as e:
+    except (UsageError, DataError) as e:
         # Errors every rank meets are printed once; bad data is met by one rank, which says so.
+        # (DataError: the data layer's own, which training stages that read all their data on
+        # every rank, SFT and the preference / prompt stages, let through.)
         every_rank = getattr(e, "every_rank", False)
         if os.environ.get("RANK", "0") == "0" or every_rank:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -281,43 +287,25 @@ def _dispatch(args) -> int:
 
         train_tokenizer(cfg.tokenizer, cfg.data.sources)
         return 0
-    if args.command == "pretrain":
-        if args.list_options:
+    if args.command in TRAINING_STAGES:
+        if args.command == "pretrain" and args.list_options:
             from llmstack.options import format_table
 
             print(format_table())
             return 0
         if args.config is None:
             raise UsageError("llmstack pretrain needs a CONFIG file (or --list-options)")
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        from llmstack.stages import pretrain
-
-        if args.dry_run:
-            pretrain.dry_run(cfg)
-            return 0
-        pretrain.run(cfg)
-        return 0
-    if args.command == "sft":
-        from llmstack.config import SFTConfig
-        from llmstack.stages import sft
-
-        cfg = load_config(SFTConfig, args.config, args.overrides)
-        if args.dry_run:
-            sft.dry_run(cfg)
-            return 0
-        sft.run(cfg)
-        return 0
-    if args.command in ("rm", "dpo", "ppo"):
         from llmstack.config import SCHEMAS
 
+        # validated before the stage modules (torch, DeepSpeed) are imported: a bad config fails fast
         cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        from importlib import import_module
+        from llmstack.stages import STAGES
 
-        stage = {"rm": "reward", "dpo": "dpo", "ppo": "ppo"}[args.command]
-        import_module(f"llmstack.stages.{stage}").run(cfg)
+        stage = STAGES[args.command]
+        if args.dry_run:
+            stage.dry_run(cfg)
+            return 0
+        stage.run(cfg)
         return 0
     if args.command == "data":
         from llmstack.stages import data

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,12 +58,21 @@ class SourceConfig(Strict):
     text_field: str = "text"
 
 
+class ChatSourceConfig(Strict):
+    """A source of whole records (conversations, preference pairs, prompts), read in full: no mixing
+    weight, and the record format, not a text field, says what is read."""
+
+    path: str = Field(description="'builtin-sft:train|validation', 'builtin-prefs:train|validation'; a .jsonl/"
+                      ".jsonl.gz/.jsonl.zst file or glob; 'hf:NAME[:CONFIG]:SPLIT'; a save_to_disk dir")
+
+
 class DataConfig(Strict):
+    """Pretraining data: weighted sources tokenized, packed and streamed (or `data prepare` shards)."""
+
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:train")])
     val_sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:validation")])
     seq_len: int = Field(256, ge=8)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (data prepare: processes)")
-    out: str | None = Field(None, description="where `data prepare` writes shards")
     on_error: Literal["skip", "fail"] = "skip"
     streams: int = Field(64, ge=1, description="fixed parallel streams of the global order; a multiple of "
                          "world size x max(num_workers, 1); changing it changes the order")
@@ -72,10 +81,28 @@ class DataConfig(Strict):
     shuffle: bool = Field(True, description="a new seeded file order every epoch")
     shuffle_windows: int = Field(64, ge=1, description="each stream emits its sequences in seeded random order within "
                                  "blocks of this many (1: in document order)")
-    docs_per_shard: int = Field(65536, ge=1, description="`data prepare`: documents per shard file")
     max_record_bytes: int = Field(64 << 20, ge=1, description="pretraining and `data prepare`: a JSONL line longer "
                                   "than this is a bad record (skipped and counted as too_long, or exit 2 with "
                                   "on_error=fail) instead of being held in memory whole")
+
+
+class PrepareDataConfig(DataConfig):
+    """`data prepare` (and `tokenizer train`, so one file serves both): the pretraining keys plus
+    where the shards go."""
+
+    out: str | None = Field(None, description="where `data prepare` writes shards")
+    docs_per_shard: int = Field(65536, ge=1, description="`data prepare`: documents per shard file")
+
+
+class ChatDataConfig(Strict):
+    """SFT conversations: every source read once per epoch, encoded whole (no streaming, no mixing)."""
+
+    sources: list[ChatSourceConfig] = Field(default_factory=lambda: [ChatSourceConfig(path="builtin-sft:train")])
+    val_sources: list[ChatSourceConfig] = Field(
+        default_factory=lambda: [ChatSourceConfig(path="builtin-sft:validation")])
+    seq_len: int = Field(256, ge=8)
+    on_error: Literal["skip", "fail"] = "skip"
+    shuffle: bool = Field(True, description="a new seeded conversation order every epoch")
 
 
 class TokenizerConfig(Strict):
@@ -89,10 +116,12 @@ class TokenizerConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """The optimizer, schedule and run cadence every stage has; the stages that run the shared
+    loop add theirs (LoopTrainConfig, PretrainTrainConfig)."""
+
     max_steps: int = Field(100, ge=1)
     micro_batch: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    global_batch: int | None = Field(None, ge=1, description="if set, must equal micro_batch x grad_accum x world")
     lr: float = Field(6e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
@@ -103,11 +132,7 @@ class TrainConfig(Strict):
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="optimizer=sgd: momentum")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss stays plain")
-    z_loss: float = Field(0.0, ge=0, description="coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4)")
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(100, ge=0, description="0 disables periodic validation")
-    eval_batches: int = Field(4, ge=1)
     save_every: int = Field(100, ge=0, description="0: save only at the end")
     keep_last: int = Field(3, ge=1)
     resume: str = Field("auto", description="auto | none | a checkpoint path")
@@ -115,7 +140,6 @@ class TrainConfig(Strict):
     max_skipped_steps: int = Field(3, ge=0, description="consecutive steps with a non-finite loss or gradient norm "
                                    "that are skipped (no update) before the run stops with exit status 3")
     activation_checkpointing: bool = False
-    compile: bool = False
     progress: bool = True
 
     @field_validator("betas")
@@ -126,6 +150,23 @@ class TrainConfig(Strict):
         if not all(0 <= b < 1 for b in v):
             raise ValueError("each of the two betas must be in [0, 1)")
         return v
+
+
+class LoopTrainConfig(TrainConfig):
+    """The stages that train one model with the shared loop (SFT, reward model, DPO): a global
+    batch, periodic validation, and compilation through the engine."""
+
+    global_batch: int | None = Field(None, ge=1, description="if set, must equal micro_batch x grad_accum x world")
+    eval_every: int = Field(100, ge=0, description="0 disables periodic validation")
+    compile: bool = False
+
+
+class PretrainTrainConfig(LoopTrainConfig):
+    """Pretraining: the loop's keys, plus the loss variants and a validation budget of its own."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss stays plain")
+    z_loss: float = Field(0.0, ge=0, description="coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4)")
+    eval_batches: int = Field(4, ge=1)
 
 
 class ModelConfig(Strict):
@@ -223,7 +264,7 @@ class PretrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
@@ -235,14 +276,14 @@ class TokenizerTrainConfig(Strict):
 
     seed: int = 1234
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: PrepareDataConfig = Field(default_factory=PrepareDataConfig)
 
 
 class DataPrepareConfig(Strict):
     """`llmstack data prepare`: data.sources -> token shards + manifest.json in data.out."""
 
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: PrepareDataConfig = Field(default_factory=PrepareDataConfig)
 
 
 class SFTOptions(Strict):
@@ -269,33 +310,46 @@ class LoraConfig(Strict):
                               "q k v o up gate down (q/k/v select the fused qkv projection)")
 
 
-def _sft_data() -> DataConfig:
-    return DataConfig(sources=[SourceConfig(path="builtin-sft:train")],
-                      val_sources=[SourceConfig(path="builtin-sft:validation")], seq_len=256)
-
-
 class FinetuneConfig(Strict):
-    """What every stage that trains one model from `model.init` shares (SFT, reward model, DPO);
+    """What every stage that trains one GPT from `model.init` shares (SFT, reward model, DPO);
     each adds its data schema and its own options section."""
+
+    stage_label: ClassVar[str] = "fine-tuning"  # how the model-family error names the stage
 
     run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 1234
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: LoopTrainConfig = Field(default_factory=LoopTrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
 
+    @model_validator(mode="after")
+    def _gpt_only(self):
+        if self.model.family != "gpt":
+            raise ValueError(f"model.family={self.model.family}: {self.stage_label} trains decoder-only gpt models")
+        return self
+
 
 class SFTConfig(FinetuneConfig):
     """`llmstack sft`: supervised fine-tuning of a GPT on chat records (full or LoRA)."""
 
+    stage_label: ClassVar[str] = "SFT"
+
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
-    data: DataConfig = Field(default_factory=_sft_data)
+    data: ChatDataConfig = Field(default_factory=ChatDataConfig)
     sft: SFTOptions = Field(default_factory=SFTOptions)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _lora_not_under_zero3(self):
+        if self.lora.enabled and self.zero.stage == 3:
+            raise ValueError("lora.enabled with zero.stage=3 is not supported (peft's injected layers are created "
+                             "outside ZeRO-3's partitioned construction); use zero.stage 0, 1 or 2 (LoRA's optimizer "
+                             "state is tiny, so stage 3 saves little)")
+        return self
 
 
 SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": TokenizerTrainConfig,
@@ -308,9 +362,9 @@ SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "tokenizer": Tok
 class PreferenceDataConfig(Strict):
     """Preference pairs: JSONL / HF records with prompt + chosen + rejected (or message lists)."""
 
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-prefs:train")],
-                                        description="pair sources (weight and text_field do not apply)")
-    val_sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-prefs:validation")])
+    sources: list[ChatSourceConfig] = Field(default_factory=lambda: [ChatSourceConfig(path="builtin-prefs:train")])
+    val_sources: list[ChatSourceConfig] = Field(
+        default_factory=lambda: [ChatSourceConfig(path="builtin-prefs:validation")])
     seq_len: int = Field(256, ge=8, description="longest prompt + response (tokens); longer pairs are skipped "
                          "and counted (on_error=fail: an error)")
     val_pairs: int | None = Field(512, ge=1, description="held-out pairs evaluated (None: all)")
@@ -323,6 +377,8 @@ class RMOptions(Strict):
 
 class RMConfig(FinetuneConfig):
     """`llmstack rm`: a scalar-head reward model trained on preference pairs."""
+
+    stage_label: ClassVar[str] = "RM"
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="rm"))
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
@@ -338,6 +394,8 @@ class DPOOptions(Strict):
 
 class DPOConfig(FinetuneConfig):
     """`llmstack dpo`: direct preference optimisation of a causal LM against a frozen reference."""
+
+    stage_label: ClassVar[str] = "DPO"
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="dpo"))
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
@@ -375,8 +433,9 @@ class RewardConfig(Strict):
 
 
 class PromptDataConfig(Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin-sft:train")],
-                                        description="prompt / messages / preference records; their answers are ignored")
+    sources: list[ChatSourceConfig] = Field(default_factory=lambda: [ChatSourceConfig(path="builtin-sft:train")],
+                                            description="prompt / messages / preference records; their answers are "
+                                            "ignored")
     max_prompt_len: int = Field(128, ge=1, description="longer prompts are skipped and counted (fail: an error)")
     on_error: Literal["skip", "fail"] = "skip"
 
@@ -406,7 +465,13 @@ class PPOOptions(Strict):
 
 
 class PPOConfig(Strict):
-    """`llmstack ppo`: actor and critic trained, reference and reward frozen, each its own engine."""
+    """`llmstack ppo`: actor and critic trained, reference and reward frozen, each its own engine.
+
+    `train` is the base TrainConfig: PPO has its own control flow (rollout, score, several epochs
+    of mini-batches), so the shared loop's keys do not apply. There is no train.compile: rollouts
+    decode straight from the actor's module with a KV cache whose shapes change at every generated
+    token, so a compiled actor would recompile throughout generation.
+    """
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="ppo"))
     seed: int = 1234
@@ -420,17 +485,27 @@ class PPOConfig(Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     ppo: PPOOptions = Field(default_factory=PPOOptions)
     train: TrainConfig = Field(default_factory=TrainConfig,
-                               description="max_steps = PPO steps (rollout batches); micro_batch = mini-batch")
+                               description="max_steps = PPO steps (rollout batches); micro_batch = the PPO "
+                               "micro-batch, grad_accum of them make one optimizer step (a mini-batch)")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
 
     @model_validator(mode="after")
-    def _no_compile(self):
-        if self.train.compile:
-            raise ValueError("train.compile=true is not supported by `llmstack ppo`: rollouts decode straight from "
-                             "the actor's module with a KV cache whose shapes change at every generated token, so a "
-                             "compiled actor would recompile throughout generation; leave train.compile=false")
+    def _gpt_only(self):
+        for name in ("actor", "critic"):
+            family = getattr(self, name).family
+            if family != "gpt":
+                raise ValueError(f"{name}.family={family}: PPO trains decoder-only gpt models")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_minibatches(self):
+        # every rollout row is trained on once per epoch, in whole mini-batches of micro x accum rows
+        t, batch = self.train, self.rollout.batch
+        if batch % (t.micro_batch * t.grad_accum):
+            raise ValueError(f"rollout.batch={batch} must be a multiple of train.micro_batch x train.grad_accum = "
+                             f"{t.micro_batch} x {t.grad_accum} (the PPO mini-batch)")
         return self
 
 
@@ -519,8 +594,10 @@ def format_errors(schema: type[BaseModel], err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        key = ".".join(str(x) for x in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        key = ".".join(str(x) for x in loc)
+        if not key:  # a check across sections: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             owner = _field_model(schema, loc)
             allowed = ", ".join(owner.model_fields) if owner else "?"
             lines.append(f"  {key}: unknown key (allowed here: {allowed})")

@@ -14,9 +14,10 @@ from data_pipeline.errors import BadRecord, DataError, ErrorLog
 from data_pipeline.objectives import IGNORE, pack_greedy, sft_collate, sft_fit
 from data_pipeline.tokenizer import load_tokenizer
 from llmstack import models
-from llmstack.errors import UsageError
 from llmstack.models.lora import apply_lora, merge_lora_state
+from data_pipeline.chat_batches import SFTBatches, load_conversations
 from llmstack.stages import sft
+from llmstack.train.trainer import MicroBatches
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What does `json.dumps` do?"},
@@ -105,12 +106,12 @@ def test_parse_records_and_bad_input(tok, tmp_path):
     assert errors.counts()[str(path)] == {"unknown_role": 1, "malformed_json": 1, "no_assistant": 1, "empty_response": 1}
     with pytest.raises(DataError, match=r"chat.jsonl:2: messages\[0\].role is 'bot'"):
         list(formats.iter_chat_records(str(path), on_error="fail"))
-    # the stage turns them into counts (skip) or a UsageError naming file and line (fail)
-    ex, stats = sft.load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate",
+    # the data layer turns them into counts (skip) or a DataError naming file and line (fail, exit 2)
+    ex, stats = load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate",
                                        side="right", on_error="skip")
     assert len(ex) == 2 and stats["skipped_records"] == 4
-    with pytest.raises(UsageError, match="chat.jsonl:2"):
-        sft.load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate", side="right",
+    with pytest.raises(DataError, match="chat.jsonl:2"):
+        load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate", side="right",
                                on_error="fail")
 
 
@@ -138,7 +139,7 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tok, tmp_pa
     path.write_text("\n".join(json.dumps({"messages": c}) for c in CONVERSATIONS[:2]) + "\n")
     limit = len(formats.encode_chat(tok, CONVERSATIONS[0])[0])  # the first fits, the second does not
     for overlong, key in (("truncate", "truncated"), ("drop", "dropped_overlong")):
-        ex, stats = sft.load_conversations([str(path)], tok, seq_len=limit, train_on="all", overlong=overlong,
+        ex, stats = load_conversations([str(path)], tok, seq_len=limit, train_on="all", overlong=overlong,
                                            side="right", on_error="skip")
         assert stats[key] == 1 and len(ex) == (2 if overlong == "truncate" else 1)
 
@@ -193,23 +194,34 @@ class _Engine:
         return self.model(*a, **k)
 
 
+class _Trainer:
+    """What MicroBatches calls: DeepSpeed's backward divides each micro-batch's loss by accum."""
+
+    def __init__(self, accum: int):
+        self.accum = accum
+
+    def backward(self, engine, loss):
+        (loss / self.accum).backward()
+
+    def optimizer_step(self, engine):
+        pass
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_accumulation_equals_one_big_batch(tok, packed):
     """micro 1 x accum 8 and micro 8 x accum 1 give the same loss and gradients (and the same as
-    the token mean over the whole batch), with uneven response lengths. DeepSpeed divides each
-    micro-batch's loss by accum; so does this loop."""
+    the token mean over the whole batch), with uneven response lengths: the trainer's step
+    (MicroBatches with SFT's summed loss and supervised-token count). DeepSpeed divides each
+    micro-batch's loss by accum; so does the stand-in trainer."""
     ex = examples(tok, 8, seed=1)
     assert len({int((y != IGNORE).sum()) for _, y in ex}) > 3  # uneven supervised lengths
 
     def grads(micro: int, accum: int):
         model = tiny_gpt(tok.vocab_size, seed=3).train()
-        data = sft.SFTBatches(ex, seq_len=120, packed=packed, micro=micro, accum=accum, world=1, rank=0, seed=5,
-                              pad_id=tok.pad_id)
-        total = 0.0
-        for _ in range(accum):
-            loss = sft.sft_loss(_Engine(model), next(data)) / accum
-            loss.backward()
-            total += float(loss.detach())
+        data = SFTBatches(ex, seq_len=120, packed=packed, micro=micro, accum=accum, world=1, rank=0, seed=5,
+                          pad_id=tok.pad_id)
+        step = MicroBatches(_Engine(model), data, sft.summed_loss, accum, count=sft.supervised)
+        total = float(step(_Trainer(accum), 0).loss)
         return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_a, g_a = grads(8, 1)
@@ -221,16 +233,16 @@ def test_accumulation_equals_one_big_batch(tok, packed):
     model = tiny_gpt(tok.vocab_size, seed=3)
     with torch.no_grad():
         tot = sum(float(sft.summed_loss(_Engine(model), {k: torch.from_numpy(v) for k, v in
-                                                         sft_collate([[e]], pad_id=tok.pad_id).items()})[0]) for e in ex)
+                                                         sft_collate([[e]], pad_id=tok.pad_id).items()})) for e in ex)
     assert loss_a == pytest.approx(tot / sum(int((y != IGNORE).sum()) for _, y in ex), rel=1e-5)
 
 
 def test_global_order_is_the_same_for_any_world_size(tok):
     ex = examples(tok, 40, seed=2)
-    one = sft.SFTBatches(ex, seq_len=120, packed=True, micro=2, accum=4, world=1, rank=0, seed=1, pad_id=0)
+    one = SFTBatches(ex, seq_len=120, packed=True, micro=2, accum=4, world=1, rank=0, seed=1, pad_id=0)
     for step in (0, 3, 9):  # step 9 wraps into the second epoch
         rows = one.step_rows(step)
-        two = [sft.SFTBatches(ex, seq_len=120, packed=True, micro=2, accum=2, world=2, rank=r, seed=1, pad_id=0)
+        two = [SFTBatches(ex, seq_len=120, packed=True, micro=2, accum=2, world=2, rank=r, seed=1, pad_id=0)
                for r in range(2)]
         got = sorted(int(x) for b in two for mb in b.micro_batches(step) for x in mb["input_ids"].flatten()
                      if x != 0)
@@ -251,7 +263,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tok):
     batch = {k: torch.from_numpy(v) for k, v in sft_collate([examples(tok, 2)], pad_id=tok.pad_id).items()}
     for _ in range(3):
         opt.zero_grad()
-        sft.summed_loss(_Engine(model), batch)[0].backward()
+        sft.summed_loss(_Engine(model), batch).backward()
         opt.step()
     state = model.state_dict()
     merged = merge_lora_state(state, 8 / 4)

@@ -50,7 +50,7 @@ def run(precision: str, stage: int) -> list[dict]:
     from llmstack.distributed import env
     from llmstack.models.gpt import gpt_config_from_preset
     from llmstack.stages import common
-    from llmstack.train.loop import RunGuard
+    from llmstack.train.guard import RunGuard
     from llmstack.train.optim import param_groups
 
     world, rank = env.world_size(), env.rank()

@@ -12,7 +12,8 @@ import pytest
 from llmstack.config import PretrainConfig, SFTConfig, load_config
 from llmstack.errors import UsageError
 from llmstack.stages import common
-from llmstack.stages.sft import _check_resume_model
+from llmstack.train.meta import CheckpointMeta
+from llmstack.train.run import check_architecture
 from tests.conftest import REPO, TINY
 
 VOCAB, SEQ = 1024, 32
@@ -24,8 +25,8 @@ def arch_of(*overrides, schema=PretrainConfig):
     return cfg, common.model_config(cfg.model, VOCAB, SEQ, cfg.train.activation_checkpointing)
 
 
-def meta_of(arch, family="gpt", **extra) -> dict:
-    return json.loads(json.dumps({"model_family": family, "model": asdict(arch), **extra}))
+def meta_of(arch, family="gpt", **extra) -> CheckpointMeta:
+    return CheckpointMeta.from_dict(json.loads(json.dumps({"model_family": family, "model": asdict(arch), **extra})))
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -38,7 +39,7 @@ def test_changed_architecture_is_refused_naming_the_field(change, needle):
     _, saved = arch_of()
     _, now = arch_of(change)
     with pytest.raises(UsageError) as e:
-        common.check_resume_architecture(meta_of(saved), "gpt", now, "ckpt/step_4")
+        check_architecture(meta_of(saved), "gpt", now, "ckpt/step_4")
     assert "cannot resume from ckpt/step_4" in str(e.value) and needle in str(e.value)
 
 
@@ -47,18 +48,18 @@ def test_same_architecture_and_run_settings_resume():
     # activation checkpointing and dropout change how the remaining steps train, not the model
     _, now = arch_of("model.dropout=0.1", "model.attn_dropout=0.1")
     now.activation_checkpointing = True
-    common.check_resume_architecture(meta_of(saved), "gpt", now, "ckpt")
+    check_architecture(meta_of(saved), "gpt", now, "ckpt")
     # a field the checkpoint does not record (an older version wrote it) is not compared
     old = meta_of(saved)
-    del old["model"]["rope_theta"]
+    del old.model["rope_theta"]
     _, other_theta = arch_of("model.rope_theta=500000")
-    common.check_resume_architecture(old, "gpt", other_theta, "ckpt")
+    check_architecture(old, "gpt", other_theta, "ckpt")
 
 
 def test_another_family_is_refused():
     _, saved = arch_of()
     with pytest.raises(UsageError, match="model.family: 'bert' -> 'gpt'"):
-        common.check_resume_architecture(meta_of(saved, family="bert"), "gpt", saved, "ckpt")
+        check_architecture(meta_of(saved, family="bert"), "gpt", saved, "ckpt")
 
 
 def test_sft_resume_compares_model_init_architecture(tmp_path):
@@ -71,12 +72,13 @@ def test_sft_resume_compares_model_init_architecture(tmp_path):
     (init / "llmstack_model.json").write_text(json.dumps({"model_family": "gpt", "model": asdict(large)}))
     cfg = load_config(SFTConfig, None, [f"model.init={init}", f"data.seq_len={SEQ}"])
     with pytest.raises(UsageError, match="model.n_layer: 2 -> 4"):
-        _check_resume_model(cfg, meta_of(small), VOCAB, "sft/step_2")
-    _check_resume_model(cfg, meta_of(large), VOCAB, "sft/step_2")  # the same model: fine
+        common.check_resume_model(cfg.model, meta_of(small), None, "sft/step_2")
+    common.check_resume_model(cfg.model, meta_of(large), None, "sft/step_2")  # the same model: fine
     # a Hugging Face model.init is not converted for the check: its path must be the recorded one
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     cfg = load_config(SFTConfig, None, [f"model.init={hf}", f"data.seq_len={SEQ}"])
     with pytest.raises(UsageError, match=f"trained from model.init={init}"):
-        _check_resume_model(cfg, meta_of(large, config={"model": {"init": str(init)}}), VOCAB, "sft/step_2")
+        common.check_resume_model(cfg.model, meta_of(large, config={"model": {"init": str(init)}}), None,
+                                  "sft/step_2")

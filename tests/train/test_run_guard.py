@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from llmstack.train.loop import RunGuard
+from llmstack.train.guard import RunGuard
 from llmstack.train.metrics import MetricsLogger, measure_matmul_peak
 
 
