@@ -88,14 +88,14 @@ def test_resume_is_exact(rule_run, tmp_path, tokenizer_dir):
 def test_actor_checkpoint_is_a_plain_gpt(rule_run):
     """The actor checkpoint loads for generation (same keys as any GPT); the critic keeps its head."""
     from llmstack.generate import generate
-    from llmstack.train.checkpoint import load_for_inference, read_weights
+    from llmstack.train.weights import load_for_inference, read_weights
 
     _, run_dir = rule_run
     model, tok, info = load_for_inference(run_dir / "checkpoints/actor/latest")
     out = generate(model, [[tok.bos_id, 5, 6]], max_new_tokens=4)
     assert len(out[0]) == 4
     _, cinfo, cstate = read_weights(run_dir / "checkpoints/critic/latest")
-    assert cinfo["head"] == "scalar" and "head.weight" in cstate
+    assert cinfo.head == "scalar" and "head.weight" in cstate
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -127,19 +127,22 @@ def test_mismatched_tokenizer_is_refused():
     from llmstack.errors import UsageError
     from llmstack.models.gpt import GPTConfig
     from llmstack.models.heads import ScalarHeadModel
-    from llmstack.stages.common import build_rlhf_model
+    from llmstack.stages.common import build_model
+    from llmstack.train.meta import CheckpointMeta
 
     arch = GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
-    init = ("rm/step_5", {"tokenizer_hash": "aaaa"}, ScalarHeadModel(arch).state_dict())
+    init = ("rm/step_5", CheckpointMeta(tokenizer_hash="aaaa"), ScalarHeadModel(arch).state_dict())
     with pytest.raises(UsageError, match="tokenizer mismatch: reward.init rm/step_5"):
-        build_rlhf_model(ScalarHeadModel, arch, {}, 0, 0, init, "bbbb", "reward.init")
+        build_model(arch, {}, 0, 0, cls=ScalarHeadModel, init=init, tokenizer_hash="bbbb", what="reward.init")
 
 
 def test_prompt_input_errors(tmp_path, tokenizer_dir):
     from data_pipeline.tokenizer import load_tokenizer
     from llmstack.config import SourceConfig
+    from data_pipeline.errors import DataError
+    from data_pipeline.pairs import load_prompts
     from llmstack.errors import UsageError
-    from llmstack.stages.ppo import load_prompts, reward_function
+    from llmstack.stages.ppo import reward_function
 
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"prompt": "short question?"}\n{"prompt": "' + "long words " * 40 + '"}\nnot json\n'
@@ -148,11 +151,11 @@ def test_prompt_input_errors(tmp_path, tokenizer_dir):
     ids, texts, errors = load_prompts([SourceConfig(path=str(f))], tok, 32, "skip")
     assert texts == ["short question?", "hi"]  # the trailing assistant turn is dropped
     assert errors.counts() == {str(f): {"too_long": 1, "malformed_json": 1}}
-    with pytest.raises(UsageError, match="exceeds data.max_prompt_len=32"):
+    with pytest.raises(DataError, match="exceeds data.max_prompt_len=32"):
         load_prompts([SourceConfig(path=str(f))], tok, 32, "fail")
     with pytest.raises(UsageError, match="no_such_module"):
         reward_function("no_such_module:f")
-    with pytest.raises(UsageError, match="prompt data not found"):
+    with pytest.raises(DataError, match="prompt data not found"):
         load_prompts([SourceConfig(path=str(tmp_path / "missing.jsonl"))], tok, 32, "skip")
 
 
@@ -172,3 +175,100 @@ def test_ppo_config_rejects_bad_keys(tmp_path):
         load_config(PPOConfig, str(REPO / "configs/ppo/demo.yaml"), ["ppo.cliprange=0.1"])
     with pytest.raises(ConfigError, match="not both"):
         load_config(PPOConfig, str(REPO / "configs/ppo/demo.yaml"), ["reward.function=m:f"])
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, tokenizer_dir):
+    """End to end through DeepSpeed's accumulation: train.micro_batch=4 x train.grad_accum=2 makes
+    the updates of one micro-batch of 8 (the rollouts, the scoring and the optimizer steps line
+    up). Plain SGD, so the weights differ only by rounding when the gradients agree; the control
+    (micro 4, no accumulation: two smaller updates) shows the test can fail. The weighting of
+    uneven responses is checked on its own below."""
+    import torch
+
+    from llmstack.train.weights import read_weights
+
+    common = [*RULE, "rollout.batch=8", "ppo.epochs=2", "train.optimizer=sgd", "train.warmup_steps=0"]
+    state = {}
+    for name, micro, accum in (("big", 8, 1), ("accum", 4, 2), ("control", 4, 1)):
+        cmd, run_dir = ppo_cmd(tmp_path, tokenizer_dir, name, *common, f"train.micro_batch={micro}",
+                               f"train.grad_accum={accum}", steps=1)
+        run_cmd(cmd, cwd=tmp_path)
+        state[name] = {part: read_weights(run_dir / f"checkpoints/{part}/latest")[2] for part in ("actor", "critic")}
+    for part in ("actor", "critic"):
+        big, acc, control = state["big"][part], state["accum"][part], state["control"][part]
+        for k in big:
+            torch.testing.assert_close(acc[k], big[k], rtol=1e-5, atol=1e-6, msg=f"{part} {k}")
+        assert max(float((control[k] - big[k]).abs().max()) for k in big) > 1e-4, part
+
+
+class _Engine:
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def train(self):
+        self.module.train()
+
+
+class _Trainer:
+    """What PPOStep.train calls: DeepSpeed's backward divides each micro-batch's loss by accum."""
+
+    def __init__(self, accum: int):
+        self.accum = accum
+
+    def backward(self, engine, loss):
+        (loss / self.accum).backward()
+
+    def optimizer_step(self, engine):
+        pass
+
+
+def test_ppo_minibatch_gradient_is_the_token_mean_for_any_accumulation():
+    """The gradients of one PPO mini-batch of 8 rollouts with responses of uneven length are the
+    same as one micro-batch of 8 or 4 x 2 accumulated (a mean of per-micro-batch means would
+    weight the short responses more)."""
+    import types
+
+    import torch
+
+    from llmstack.config import PPOConfig
+    from llmstack.models.gpt import GPTConfig
+    from llmstack.models.heads import PolicyLM, ScalarHeadModel
+    from llmstack.rlhf import rollout
+    from llmstack.rlhf.rollout import Rollout
+    from llmstack.stages.ppo import PPOStep, minibatches
+
+    arch = GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
+    B, P, R = 8, 3, 6
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (B, P + R), generator=g)
+    lengths = torch.tensor([6, 1, 2, 6, 1, 5, 3, 1])  # response tokens per row: uneven
+    valid = torch.ones(B, P + R, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        valid[i, P + n:] = False
+    mask = valid[:, P:].float()
+
+    def grads(micro: int, accum: int) -> dict:
+        torch.manual_seed(1)
+        actor, critic = PolicyLM(arch), ScalarHeadModel(arch)
+        actor.init_weights(), critic.init_weights()
+        with torch.no_grad():
+            old = rollout.response_logprobs(actor, ids, valid, P)[0]
+            values = rollout.response_values(critic, ids, valid, P)
+        adv = torch.randn(B, R, generator=torch.Generator().manual_seed(2)) * mask
+        ro = Rollout(ids=ids, valid=valid, mask=mask, prompt_len=P, old_logp=old, ref_logp=old, values=values,
+                     advantages=adv, returns=values + adv, kl=torch.zeros(B, R), score=torch.zeros(B),
+                     reward=torch.zeros(B), reward_normalized=torch.zeros(B), stopped=torch.ones(B, dtype=torch.bool))
+        cfg = PPOConfig.model_validate({"rollout": {"batch": 8}, "train": {"micro_batch": micro, "grad_accum": accum},
+                                        "ppo": {"entropy_coef": 0.01}})
+        models = types.SimpleNamespace(actor=_Engine(actor), critic=_Engine(critic))
+        step = PPOStep(cfg, models, [], [], None)
+        step.train(_Trainer(accum), ro, [minibatches(torch.arange(B), mask, P, micro, accum)])
+        return {**{f"actor.{n}": p.grad for n, p in actor.named_parameters()},
+                **{f"critic.{n}": p.grad for n, p in critic.named_parameters()}}
+
+    one, split = grads(8, 1), grads(4, 2)
+    for k in one:
+        torch.testing.assert_close(split[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
