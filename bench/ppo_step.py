@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -61,9 +62,10 @@ def main(argv=None) -> int:
     from llmstack.generate import generate
     from llmstack.models import hf
     from llmstack.models.heads import PolicyLM, ScalarHeadModel
-    from llmstack.rlhf.advantages import AdaptiveKLController, RunningMoments
     from llmstack.stages import common
-    from llmstack.stages.ppo import Scorer, engine_ds_config, ppo_step
+    from llmstack.stages.ppo import PPOStep, Scorer
+    from llmstack.train.run import ds_config_for
+    from llmstack.train.trainer import StatWindow
 
     env.init("auto", 600)
     dev = env.device()
@@ -73,32 +75,34 @@ def main(argv=None) -> int:
         "precision": args.precision, "rollout": {"batch": args.batch, "max_new_tokens": args.new_tokens},
         "ppo": {"epochs": args.epochs}, "train": {"micro_batch": args.micro_batch, "lr": 1e-5},
         "reward": {"function": "unused:unused"}})
-    dsa = engine_ds_config(cfg, cfg.actor.zero, args.micro_batch, 1, 1e-5)
-    dsf = engine_ds_config(cfg, cfg.reference.zero, args.batch, 1, 1e-5)
-    actor = common.train_engine(common.build_rlhf_model(PolicyLM, arch, dsa, 0, 0, None, "", "actor"), cfg.train, dsa)
-    critic = common.train_engine(common.build_rlhf_model(ScalarHeadModel, arch, dsa, 0, 1, None, "", "critic"),
-                                 cfg.train, dsa)
+    dsa = ds_config_for(cfg, 1, cfg.actor.zero, micro_batch=args.micro_batch, grad_accum=1, lr=1e-5)[0]
+    dsf = ds_config_for(cfg, 1, cfg.reference.zero, micro_batch=args.batch, grad_accum=1, lr=1e-5)[0]
+    actor = common.train_engine(common.build_model(arch, dsa, 0, 0, cls=PolicyLM), cfg.train, dsa)
+    critic = common.train_engine(common.build_model(arch, dsa, 0, 1, cls=ScalarHeadModel), cfg.train, dsa)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    reference = common.build_rlhf_model(PolicyLM, arch, dsf, 0, 0, None, "", "ref").to(dev, dtype).eval()
-    reward = common.build_rlhf_model(ScalarHeadModel, arch, dsf, 0, 2, None, "", "rm").to(dev, dtype).eval()
+    reference = common.build_model(arch, dsf, 0, 0, cls=PolicyLM).to(dev, dtype).eval()
+    reward = common.build_model(arch, dsf, 0, 2, cls=ScalarHeadModel).to(dev, dtype).eval()
     scorer = Scorer(model=reward, end_ids=(8, 2), pad_id=0)
     n_params = actor.module.num_params()
+    four = SimpleNamespace(actor=actor, critic=critic, reference=reference, scorer=scorer, decoder=actor.module,
+                           zero3=False, end_ids=(8, 2), pad=0)
 
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(16, 49, (args.batch,), generator=g).tolist()
     prompts = [torch.randint(9, args.vocab, (n,), generator=g).tolist() for n in lens]
     texts = [""] * args.batch
-    kl, moments = AdaptiveKLController(cfg.ppo.kl_coef), RunningMoments()
+    ppo_step = PPOStep(cfg, four, prompts, texts, StatWindow())
+    engines = SimpleNamespace(backward=lambda engine, loss: engine.backward(loss),
+                              optimizer_step=lambda engine: engine.step())  # the Trainer's part of a step
     print(f"model: {args.preset}{f' x{args.layers} layers' if args.layers else ''} ({n_params / 1e6:.1f}M parameters "
           f"each for actor, critic, reference, reward), device {dev}, {args.precision}, torch threads "
           f"{torch.get_num_threads()}; {args.batch} rollouts x {args.new_tokens} new tokens, {args.epochs} epochs of "
           f"mini-batches of {args.micro_batch}")
     rows = []
     for step in range(args.steps + 1):
-        rec = ppo_step(cfg, step, prompts, texts, actor, critic, reference, scorer, actor.module, False, kl, moments,
-                       (8, 2), 0)
+        ppo_step(engines, step)
         if step:  # the first step warms up kernels and allocators
-            rows.append(rec)
+            rows.append(ppo_step.history[-1])
     med = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train")}
     total = sum(med.values())
     print(f"PPO step (median of {len(rows)}): generate {med['time_generate']:.3f}s ({100 * med['time_generate'] / total:.0f}%)"

@@ -26,6 +26,7 @@ from eval.taskspec import load_spec, prepare
 from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.generate import DTYPE_NAMES, check_vocab, place_model, resolve_placement
+from llmstack.train.meta import CheckpointMeta
 
 
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str | torch.dtype = "auto",
@@ -40,13 +41,13 @@ def load_model(path: str, tokenizer_path: str | None = None, dtype: str | torch.
 
 def _load_cpu(path: str, tokenizer_path: str | None):
     """(model on CPU in fp32 as stored, tokenizer, info); a non-decoder model is a UsageError."""
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     if not Path(path).exists():
         raise UsageError(f"model not found: {path}")
     model, tokenizer, info = load_for_inference(path, tokenizer_path)
     check_vocab(tokenizer, info, path)
-    family = info.get("model_family", "gpt")
+    family = info.model_family
     if family != "gpt":
         raise UsageError(f"{path} is a {family} model: llmstack-eval scores decoder-only (gpt) models")
     return model, tokenizer, info
@@ -62,8 +63,8 @@ def weights_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _bos_default(info: dict) -> bool:
-    return bool(((info.get("config") or {}).get("data") or {}).get("bos", False))
+def _bos_default(info: CheckpointMeta) -> bool:
+    return bool(info.config_value("data", "bos", default=False))
 
 
 def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = None, fewshot_seed: int = 1234,
@@ -103,8 +104,8 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
         raise UsageError(f"--bos: the tokenizer of {model_path} has no BOS token")
     scorer = Scorer(model, tok, batch_size=batch_size, device=dev, progress=progress)
     results = {
-        "model": str(model_path), "step": info.get("step"), "model_hash": model_hash,
-        "tokenizer_hash": tok.hash, "architecture": info.get("model"),
+        "model": str(model_path), "step": info.step, "model_hash": model_hash,
+        "tokenizer_hash": tok.hash, "architecture": info.model,
         "config": {"tasks": [n for n, _ in specs], "num_fewshot": num_fewshot, "fewshot_seed": fewshot_seed,
                    "batch_size": batch_size, "bos": use_bos, "truncate": truncate, "dtype": DTYPE_NAMES[dt],
                    "device": str(dev), "limit": limit,
@@ -117,7 +118,7 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
         if prep is None:
             from eval.perplexity import perplexity
 
-            trained = ((info.get("config") or {}).get("data") or {}).get("seq_len")
+            trained = info.config_value("data", "seq_len")
             ctx_len = context or min(trained or scorer.max_len, scorer.max_len)
             results["tasks"][name] = perplexity(scorer, name[4:], ctx_len, stride or ctx_len, use_bos)
             continue

@@ -41,6 +41,7 @@ from llmstack.errors import UsageError
 from llmstack.models.gpt import GPT
 from llmstack.models.layers import causal_padding_mask, decoding_layout
 from llmstack.models.t5 import T5
+from llmstack.train.meta import CheckpointMeta
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -322,13 +323,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def check_vocab(tokenizer, info: dict, where) -> None:
+def check_vocab(tokenizer, info: CheckpointMeta, where) -> None:
     """A tokenizer whose ids the model cannot embed is refused (UsageError naming both sizes):
     its larger ids would index past the embedding table (an IndexError mid-run). Only a
     tokenizer given apart from the model (--tokenizer with a directory that records no
     tokenizer hash) can get here; a recorded hash already rules the others out."""
-    model_vocab = (info.get("model") or {}).get("vocab_size")
-    if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
+    model_vocab = info.vocab_size
+    if model_vocab is not None and tokenizer.vocab_size > model_vocab:
         raise UsageError(f"the tokenizer at {tokenizer.path} has {tokenizer.vocab_size} tokens but the model {where} "
                          f"embeds only {model_vocab}: its ids {model_vocab} and up have no embedding; use the "
                          "tokenizer the model was trained with (--tokenizer)")

@@ -45,8 +45,8 @@ def test_dpo_raises_heldout_margin_and_accuracy(dpo_run):
 
 
 def test_dpo_checkpoint_is_a_plain_gpt(dpo_run):
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     _, run_dir = dpo_run
     model, _, info = load_for_inference(run_dir / "checkpoints/latest")
-    assert type(model).__name__ == "GPT" and info["head"] is None
+    assert type(model).__name__ == "GPT" and info.head is None

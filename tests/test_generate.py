@@ -294,7 +294,7 @@ def test_cli_bf16_greedy_equals_reference(eval_model, capsys):
     """`llmstack generate --dtype bf16 --temperature 0` on a trained checkpoint prints the bf16
     model's own greedy continuation (full forward, no cache), token for token."""
     from llmstack.cli import main
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     ckpt, prompts, n = str(eval_model["checkpoint"]), ["def ", "Return the"], 12
     args = ["generate", ckpt, "--max-new-tokens", str(n), "--temperature", "0", "--dtype", "bf16", "--device", "cpu"]

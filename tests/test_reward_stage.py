@@ -46,16 +46,17 @@ def test_reward_model_ranks_heldout_pairs(rm_run, tokenizer_dir):
     from data_pipeline.tokenizer import load_tokenizer
     from llmstack.models import config_from_dict
     from llmstack.models.heads import ScalarHeadModel
-    from llmstack.stages.reward import collate, rm_pair_stats
-    from llmstack.train.checkpoint import read_weights
+    from data_pipeline.pairs import collate
+    from llmstack.stages.reward import rm_pair_stats
+    from llmstack.train.weights import read_weights
 
     s, run_dir = rm_run
     print(f"\nreward model, held-out pairs: accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}, "
           f"margin {s['val_margin_before']:.3f} -> {s['val_margin']:.3f} ({s['val_pairs']} pairs)")
     # the same held-out pairs scored again from the checkpoint, by kind of rejected answer
     _, info, state = read_weights(run_dir / "checkpoints/latest")
-    assert info["head"] == "scalar" and "head.weight" in state and "backbone.wte.weight" in state
-    model = ScalarHeadModel(config_from_dict("gpt", info["model"]))
+    assert info.head == "scalar" and "head.weight" in state and "backbone.wte.weight" in state
+    model = ScalarHeadModel(config_from_dict("gpt", info.model))
     model.load_state_dict(state)
     model.eval()
     tok = load_tokenizer(tokenizer_dir)
@@ -119,8 +120,8 @@ def test_preference_formats_agree():
 def test_bad_preference_records_are_counted_or_fatal(tmp_path, tokenizer_dir):
     from data_pipeline.tokenizer import load_tokenizer
     from llmstack.config import SourceConfig
-    from llmstack.errors import UsageError
-    from llmstack.stages.reward import load_pairs
+    from data_pipeline.errors import DataError
+    from data_pipeline.pairs import load_pairs
 
     f = tmp_path / "prefs.jsonl"
     good = {"prompt": "q?", "chosen": "yes.", "rejected": "no."}
@@ -134,7 +135,7 @@ def test_bad_preference_records_are_counted_or_fatal(tmp_path, tokenizer_dir):
     assert len(pairs) == 2
     assert errors.counts() == {str(f): {"malformed_json": 1, "missing_field": 1, "mismatched_prompt": 1,
                                         "too_long": 1}}
-    with pytest.raises(UsageError, match=r"prefs.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: not valid JSON"):
         load_pairs([SourceConfig(path=str(f))], tok, 64, "fail")
     # labels cover the answer (content, <|end|>, EOS) and nothing before it
     p = pairs[0]

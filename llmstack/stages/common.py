@@ -8,7 +8,6 @@ calls: start the run (train/run.py) -> tokenizer -> model (under ZeRO-3 init) ->
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from data_pipeline import formats
 from llmstack.errors import UsageError
 from llmstack.generate import check_vocab, generate, place_model, resolve_placement, sampling_generator
-from llmstack.train.checkpoint import load_for_inference
+from llmstack.train.weights import load_for_inference
 
 
 def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
@@ -51,11 +51,11 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     dev, dt = resolve_placement(device, dtype)  # before loading: a bad --device fails at once
     model, tok, info = load_for_inference(model_path, tokenizer_path)
     check_vocab(tok, info, model_path)
-    family = info.get("model_family", "gpt")
+    family = info.model_family
     if family not in ("gpt", "t5"):
         raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")
     place_model(model, dev, dt)
-    eos = tok.eos_id if tok.eos_id is not None else (info.get("special_ids") or {}).get("eos")
+    eos = tok.eos_id if tok.eos_id is not None else info.special_id("eos")
     ids = [tok.encode(p) for p in prompts]
     if family == "gpt" and tok.meta and eos is not None:
         ids = [[eos] + x for x in ids]

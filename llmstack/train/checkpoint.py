@@ -11,7 +11,8 @@ Layout under `run.dir/checkpoints/`:
 A directory is renamed to step_<N> only after every rank has written and fsynced its files, so
 any step_<N> that exists is complete; `resume=auto` takes the newest step_<N> that verifies
 against its manifest, saying why it skipped newer ones. `run.dir/run.lock` keeps a second run
-off the same run directory (see runlock.py).
+off the same run directory (see runlock.py). meta.json is a `CheckpointMeta` (meta.py); reading a
+checkpoint's weights outside training (consolidate, export, model.init) is weights.py.
 
 Why sha256: it is in the standard library, `sha256sum` recomputes it for a copied checkpoint by
 hand, and with the CPU's SHA instructions it runs at about 1 GB/s per core (0.9 GB/s measured on
@@ -29,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 import zipfile
 from pathlib import Path
@@ -41,6 +41,7 @@ from llmstack.distributed import deepspeed as ds
 from llmstack.distributed import env
 from llmstack.errors import RankError, UsageError
 from llmstack.train import runlock
+from llmstack.train.meta import CheckpointMeta
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 META = "meta.json"
@@ -51,10 +52,6 @@ FORMAT = 2
 # A failed write with less free space than this on the filesystem is reported as a full disk
 # (torch.save reports a short write as a RuntimeError without errno).
 LOW_SPACE_BYTES = 16 << 20
-# Test hook: SIGKILL this process after the files of checkpoint step N are written but before the
-# rename, i.e. the worst moment for a crash. Used by the fault-tolerance test.
-FAULT_ENV = "LLMSTACK_FAULT_KILL_IN_SAVE"
-
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -228,12 +225,12 @@ def verify(ckpt: Path, *, collective: bool = False, rng: bool = True) -> list[st
                 problems += _check_file(ckpt / name, files[name])
     else:
         try:
-            meta = json.loads((ckpt / META).read_text())
+            meta = CheckpointMeta.read(ckpt / META)
         except FileNotFoundError:
             meta, problems = None, [f"{ckpt / META} is missing: not a complete checkpoint"]
-        except (ValueError, OSError) as e:
+        except (ValueError, TypeError, OSError) as e:
             meta, problems = None, [f"{ckpt / META} is unreadable (truncated?): {e}"]
-        if meta is not None and meta.get("checkpoint_format", 1) >= FORMAT:
+        if meta is not None and meta.checkpoint_format >= FORMAT:
             problems.append(f"{manifest_file} is missing (meta.json says the checkpoint was written with one)")
         elif meta is not None:
             problems += _check_legacy(ckpt, meta, world, rank, rng)
@@ -253,15 +250,15 @@ def _check_file(path: Path, entry: dict) -> list[str]:
     return []
 
 
-def _check_legacy(ckpt: Path, meta: dict, world: int, rank: int, rng: bool) -> list[str]:
+def _check_legacy(ckpt: Path, meta: CheckpointMeta, world: int, rank: int, rng: bool) -> list[str]:
     """The checks of a checkpoint without manifest (see `verify`); each rank tests its share of the .pt files."""
     problems = []
     names = {p.name for p in ckpt.iterdir()}
-    saved_world = int(meta.get("world_size") or 1)
-    if not meta.get("universal"):
+    saved_world = meta.world_size
+    if not meta.universal:
         if not any(n.endswith("model_states.pt") for n in names):
             problems.append(f"{ckpt / 'mp_rank_00_model_states.pt'} is missing (no model state file)")
-        for r in range(saved_world) if meta.get("zero_stage", 0) else ():
+        for r in range(saved_world) if meta.zero_stage else ():
             if not any(re.fullmatch(rf"(bf16_)?zero_pp_rank_{r}_mp_rank_\d+_optim_states\.pt", n) for n in names):
                 problems.append(f"{ckpt / f'zero_pp_rank_{r}_mp_rank_00_optim_states.pt'} is missing")
         if rng and saved_world == env.world_size():
@@ -292,7 +289,7 @@ def check(ckpt: Path, *, collective: bool = False, rng: bool = True, what: str =
     _VERIFIED.add(key)
 
 
-def save(engine, root: Path, step: int, meta: dict, client_state: dict, keep_last: int) -> Path:
+def save(engine, root: Path, step: int, meta: CheckpointMeta, client_state: dict, keep_last: int) -> Path:
     """Write checkpoint step_<step> atomically. Every rank calls this.
 
     Every rank writes its files into .tmp_step_<step>/ and fsyncs them; rank 0 writes meta.json,
@@ -301,6 +298,8 @@ def save(engine, root: Path, step: int, meta: dict, client_state: dict, keep_las
     step_<step>, points `latest` at it, and removes older checkpoints beyond `keep_last`. A full
     disk ends the run (exit 2) with the temp dir removed and the earlier checkpoints untouched.
     """
+    if not isinstance(meta, CheckpointMeta):
+        raise TypeError(f"checkpoint meta must be a CheckpointMeta, not {type(meta).__name__}")
     tag = f"step_{step}"
     tmp, final = root / f".tmp_{tag}", root / tag
     if env.is_main():
@@ -317,11 +316,9 @@ def save(engine, root: Path, step: int, meta: dict, client_state: dict, keep_las
         _raise_if_disk_full(e, root, tmp, step)
         raise
     env.barrier()
-    if os.environ.get(FAULT_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
     try:
         if env.is_main():
-            _write_atomic(tmp / META, json.dumps({**meta, "checkpoint_format": FORMAT}, indent=2, default=str))
+            _write_atomic(tmp / META, meta.replace(checkpoint_format=FORMAT).to_json())
         entries = env.broadcast_object(_files(tmp) if env.is_main() else None)
         mine = {name: _file_entry(tmp / name) for name in _share(entries, env.world_size(), env.rank())}
         files = {k: v for part in env.all_gather_object(mine) for k, v in part.items()}
@@ -430,8 +427,7 @@ def start_run(resume: str, root: Path, run_dir: Path) -> Path | None:
     else:
         chosen = resolve(resume)
         check(chosen, collective=True, what=f"train.resume={resume}: checkpoint")
-        meta = read_meta(chosen)
-        step = meta.get("step")
+        step = read_meta(chosen).step
         aside = [p for n, p in step_dirs(root)
                  if isinstance(step, int) and n > step and p.resolve() != chosen.resolve()]
         why = f"this run continues from step {step} ({chosen}), a new branch"
@@ -444,7 +440,7 @@ def start_run(resume: str, root: Path, run_dir: Path) -> Path | None:
     return chosen
 
 
-def load(engine, ckpt: Path, *, load_optimizer: bool = True, restore_rng: bool = True) -> tuple[dict, dict]:
+def load(engine, ckpt: Path, *, load_optimizer: bool = True, restore_rng: bool = True) -> tuple[CheckpointMeta, dict]:
     """Restore engine (and this rank's RNG) from a checkpoint dir; returns (meta, client_state).
 
     Every rank calls this. The checkpoint is verified first (see `verify`) unless this process
@@ -457,50 +453,27 @@ def load(engine, ckpt: Path, *, load_optimizer: bool = True, restore_rng: bool =
     meta = read_meta(ckpt)
     check(ckpt, collective=True)
     client = ds.load_engine(engine, ckpt.parent, ckpt.name, load_optimizer=load_optimizer,
-                            universal=bool(meta.get("universal")))
+                            universal=meta.universal)
     rng_file = ckpt / f"rng_rank{env.rank()}.pt"
-    if restore_rng and not meta.get("universal") and meta.get("world_size") == env.world_size():
+    if restore_rng and not meta.universal and meta.world_size == env.world_size():
         if not rng_file.is_file():  # every rank verified above; this is the last line of defence
             raise RankError(f"cannot resume from {ckpt}: {rng_file} (this rank's RNG state) is missing")
         set_rng_state(ds.safe_load(rng_file, error=RankError))  # numpy arrays allowed, nothing that runs code
     return meta, client
 
 
-def read_meta(ckpt: Path) -> dict:
-    """A checkpoint's meta.json (a UsageError naming the file when it is missing or unreadable)."""
+def read_meta(ckpt: Path) -> CheckpointMeta:
+    """A checkpoint's meta.json (a UsageError naming the file when it is missing, unreadable or
+    not a JSON object)."""
     meta_file = Path(ckpt) / META
     if not meta_file.is_file():
         raise UsageError(f"{ckpt} is not a complete checkpoint (no {META})")
     try:
-        return json.loads(meta_file.read_text())
-    except ValueError as e:
+        return CheckpointMeta.read(meta_file)
+    except json.JSONDecodeError as e:
         raise UsageError(f"{meta_file} is unreadable (truncated?): {e}") from None
-
-
-def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Write one checkpoint (any ZeRO stage, any world size) as a single fp32 model file.
-
-    out_dir gets `model.safetensors` (a tied output embedding is stored once, as safetensors
-    requires), and `llmstack_model.json` with the architecture, tokenizer hash and source step.
-    """
-    from safetensors.torch import save_file
-
-    src = resolve(ckpt)
-    meta = read_meta(src)
-    check(src, rng=False)
-    state = merge_adapters(ds.consolidated_state_dict(src), meta, src)
-    if meta.get("model", {}).get("tie_embeddings"):
-        state.pop("lm_head.weight", None)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    info = {k: meta.get(k) for k in ("model_family", "model", "config", "tokenizer_hash", "tokenizer_path", "step", "tokens")}
-    (tmp / "llmstack_model.json").write_text(json.dumps({**info, "source": str(src)}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"{meta_file} is not a checkpoint's metadata: {e}") from None
 
 
 def reshape(ckpt: str | Path, out: str | Path | None = None) -> Path:
@@ -508,122 +481,48 @@ def reshape(ckpt: str | Path, out: str | Path | None = None) -> Path:
 
     Writes `<step_N>_universal/` beside the checkpoint (or `out`) atomically, with meta.json
     marked `universal`; resume from it with `train.resume=<that path>`. Per-rank RNG states are
-    not carried over: they belong to the old ranks.
+    not carried over: they belong to the old ranks. An existing non-empty output directory is
+    replaced only when reshape wrote it (`not_reshape_output`), else refused before any work; the
+    old one is deleted only once the new one is in place (the --out rules of stages/export.py).
     """
+    from llmstack.train.outputs import staged_output
+
     src = resolve(ckpt)
     meta = read_meta(src)
-    if meta.get("universal"):
+    if meta.universal:
         raise UsageError(f"{src} is already a universal checkpoint")
-    if meta.get("zero_stage", 0) == 0:
+    if meta.zero_stage == 0:
         raise UsageError(f"{src} was written with ZeRO stage 0: it is not partitioned, every world size can load it")
-    check(src, rng=False)
     final = Path(out) if out else src.parent / f"{src.name}_universal"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_universal(src, tmp)
-    fsync_tree(tmp)
-    _write_atomic(tmp / META, json.dumps({**meta, "universal": True, "source": str(src), "checkpoint_format": FORMAT},
-                                         indent=2, default=str))
-    write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if (final.parent / "latest_universal").is_file():  # the converter's pointer names the temp dir
-        _write_atomic(final.parent / "latest_universal", final.name)
+    with staged_output(final, "checkpoint reshape", inputs=[src]) as tmp:
+        check(src, rng=False)
+        ds.to_universal(src, tmp)
+        fsync_tree(tmp)
+        _write_atomic(tmp / META, meta.replace(universal=True, source=str(src), checkpoint_format=FORMAT).to_json())
+        write_manifest(tmp)
+    _fsync_dir(final.parent)
+    # DeepSpeed's pointer beside the output, as its converter writes it (there it named the temp dir)
+    _write_atomic(final.parent / "latest_universal", final.name)
     return final
 
 
-def load_consolidated(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(info, state dict) of a directory written by `consolidate`."""
-    from safetensors.torch import load_file
-
-    d = Path(model_dir)
-    if not (d / "model.safetensors").is_file():
-        raise UsageError(f"{d} has no model.safetensors (make one with `llmstack checkpoint consolidate`)")
-    return json.loads((d / "llmstack_model.json").read_text()), load_file(str(d / "model.safetensors"))
-
-
-def read_weights(path: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """(source, info, fp32 state dict) of any weights a stage can start from.
-
-    A consolidated or imported directory (llmstack_model.json), a Hugging Face model directory
-    (config.json; converted in memory), or a checkpoint of any ZeRO stage (step_N, a `latest`
-    file, a run dir). `info` has at least model_family, model (the architecture) and tokenizer_hash.
-    """
-    p = Path(path)
-    if (p / "llmstack_model.json").is_file():
-        info, state = load_consolidated(p)
-        if (p / "tokenizer.json").is_file():  # an imported directory carries its tokenizer, wherever it moved
-            info["tokenizer_path"] = str(p)
-        return p, info, state
-    if (p / "config.json").is_file() and not (p / META).is_file():
-        from dataclasses import asdict
-
-        from data_pipeline.tokenizer import tokenizer_hash
-        from llmstack.models.hf import ConversionError, load_pretrained
-
-        try:
-            family, cfg, state, _ = load_pretrained(p)
-        except ConversionError as e:
-            raise UsageError(f"{p}: {e}") from None
-        has_tok = (p / "tokenizer.json").is_file()
-        info = {"model_family": family, "model": asdict(cfg), "tokenizer_path": str(p) if has_tok else None,
-                "tokenizer_hash": tokenizer_hash(p) if has_tok else None, "source": str(p)}
-        return p, info, state
-    src = resolve(p)
-    meta = read_meta(src)
-    check(src, rng=False)  # every process reads the whole checkpoint here, so each checks all of it
-    return src, meta, merge_adapters(ds.consolidated_state_dict(src), meta, src)
-
-
-def merge_adapters(state: dict[str, torch.Tensor], meta: dict, ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The plain model's state dict: LoRA adapters of an `llmstack sft` checkpoint merged in.
-
-    ZeRO 1-2 consolidation rebuilds only the optimizer's (trainable) parameters; the frozen base
-    weights come from the module state DeepSpeed saves whole for those stages (LoRA under ZeRO-3
-    is refused, so they are never partitioned).
-    """
-    if not meta.get("lora"):
-        return state
-    from llmstack.models.lora import merge_lora_state
-
-    module_file = ckpt_dir / "mp_rank_00_model_states.pt"
-    if module_file.is_file():
-        module = ds.safe_load(module_file)["module"]
-        state = {**{k: v.float() for k, v in module.items()}, **state}
-    return merge_lora_state(state, meta["lora"]["scaling"])
-
-
-def load_for_inference(path: str | Path, tokenizer_path: str | None = None):
-    """(model in eval mode, tokenizer, info) from anything `read_weights` reads, of any family.
-
-    The tokenizer is the one recorded with the weights unless `tokenizer_path` is given; its
-    hash must match the recorded one either way.
-    """
-    from llmstack import models
-
-    _, info, state = read_weights(path)
-    family = info.get("model_family", "gpt")
-    tokenizer = recorded_tokenizer(info, path, tokenizer_path)
+def not_reshape_output(d: Path) -> str | None:
+    """Why the directory d is not one `reshape` wrote (None if it is): its meta.json marks a
+    universal checkpoint and its manifest lists every file in it; anything else is not ours to replace."""
+    d = Path(d)
     try:
-        arch = models.config_from_dict(family, dict(info["model"], activation_checkpointing=False))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{path}: bad recorded architecture: {e}") from None
-    model = models.build_model(family, arch)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not (k == "lm_head.weight" and arch.tie_embeddings)]:
-        raise UsageError(f"{path}: weights do not fit the recorded architecture ({missing[:3]}, {unexpected[:3]})")
-    return model.eval(), tokenizer, info
-
-
-def recorded_tokenizer(info: dict, where, tokenizer_path: str | None = None):
-    """The tokenizer recorded with a checkpoint (or `tokenizer_path`), checked against its hash."""
-    from data_pipeline.tokenizer import load_tokenizer
-
-    tok_path = tokenizer_path or info.get("tokenizer_path")
-    if not tok_path or not (Path(tok_path) / "tokenizer.json").is_file():
-        raise UsageError(f"tokenizer of {where} not found at {tok_path!r}; pass its directory with --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
-    if info.get("tokenizer_hash") and info["tokenizer_hash"] != tokenizer.hash:
-        raise UsageError(f"tokenizer mismatch: {where} was trained with tokenizer {info['tokenizer_hash']}, "
-                         f"{tok_path} is {tokenizer.hash}")
-    return tokenizer
+        universal = CheckpointMeta.read(d / META).universal
+        listed = set(json.loads((d / MANIFEST).read_text())["files"])
+    except FileNotFoundError as e:
+        return f"it has no {Path(e.filename).name}"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"its {META} or {MANIFEST} is unreadable ({e})"
+    if not universal:
+        return "it is not a universal checkpoint"
+    for p in sorted(d.rglob("*")):
+        name = p.relative_to(d).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            return f"it holds {name}, which is not a plain file"
+        if p.is_file() and name != MANIFEST and name not in listed:
+            return f"it holds {name}, which its manifest does not list"
+    return None

@@ -21,15 +21,15 @@ def logits_from(src: str, ids: torch.Tensor, stage: int, precision: str) -> torc
     from llmstack.distributed import deepspeed as ds
     from llmstack.distributed import env
     from llmstack.stages import common
-    from llmstack.train import checkpoint as ckpt
+    from llmstack.train import weights
 
-    _, info, _ = ckpt.read_weights(src)
-    arch = models.config_from_dict(info.get("model_family", "gpt"), info["model"])
+    _, info, _ = weights.read_weights(src)
+    arch = models.config_from_dict(info.model_family, info.model)
     ds_config = ds.build_ds_config(micro_batch=ids.shape[0], grad_accum=1, world=env.world_size(), precision=precision,
                                    zero_stage=stage, offload_optimizer=False, offload_params=False, grad_clip=1.0,
                                    lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     model = common.build_model(arch, ds_config, stage, seed=0)
-    common.load_init_weights(model, src, stage, info.get("tokenizer_hash") or "")
+    common.load_init_weights(model, src, stage, info.tokenizer_hash or "")
     engine = ds.create_engine(model, [{"params": list(model.parameters()), "weight_decay": 0.0}], ds_config,
                               lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     engine.eval()

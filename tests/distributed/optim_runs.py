@@ -45,6 +45,7 @@ def run(name: str, stage: int, rows: torch.Tensor, vocab: int, steps: int, *, st
     from llmstack.models.gpt import gpt_config_from_preset
     from llmstack.stages import common
     from llmstack.train import checkpoint as ckpt
+    from llmstack.train.meta import CheckpointMeta
     from llmstack.train.optim import lr_at, param_groups
 
     world, rank = env.world_size(), env.rank()
@@ -68,7 +69,8 @@ def run(name: str, stage: int, rows: torch.Tensor, vocab: int, steps: int, *, st
         engine.step()
         losses.append(float(env.all_reduce_mean(loss.detach()).item()))
     if stop:
-        ckpt.save(engine, ckpt_root, stop, {"step": stop, "world_size": world, "zero_stage": stage}, {}, keep_last=1)
+        meta = CheckpointMeta(step=stop, world_size=world, zero_stage=stage)
+        ckpt.save(engine, ckpt_root, stop, meta, {}, keep_last=1)
     return losses
 
 

@@ -114,7 +114,7 @@ def test_zero3_checkpoint_exports_to_transformers(runs, family, tmp_path):
     import torch
     import transformers as tf
 
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     run_dir = runs.zero3(family)
     out = tmp_path / "hf"

@@ -45,7 +45,7 @@ def test_two_processes_train(two_proc_run):
 
 def test_partitioned_checkpoints_consolidate(two_proc_run):
     from llmstack.generate import generate
-    from llmstack.train.checkpoint import load_for_inference, read_weights
+    from llmstack.train.weights import load_for_inference, read_weights
 
     _, run_dir = two_proc_run
     for part in ("actor", "critic"):

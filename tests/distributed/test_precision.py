@@ -127,7 +127,7 @@ def sources(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2_hf", "llama", "llama_hf"])
 def test_model_init_under_zero3_gives_the_source_models_logits(sources, name):
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     src, ids, _, logits = sources
     model, _, _ = load_for_inference(src[name])

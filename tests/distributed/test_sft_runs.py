@@ -94,20 +94,20 @@ def test_lora_changes_only_adapted_layers_and_exports_merged(runs, tmp_path):
     from llmstack.distributed import deepspeed as ds
     from llmstack.models.lora import apply_lora
     from llmstack.stages.export import export
-    from llmstack.train import checkpoint as ckpt
+    from llmstack.train import weights
 
     lora_dir = runs.lora()
-    _, _, base = ckpt.read_weights(runs.big())
-    src, meta, merged = ckpt.read_weights(lora_dir)
-    assert meta["lora"]["modules"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.0.attn.proj",
+    _, _, base = weights.read_weights(runs.big())
+    src, meta, merged = weights.read_weights(lora_dir)
+    assert meta.lora["modules"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.0.attn.proj",
                                        "blocks.1.attn.proj"]
     changed = sorted(k for k in base if not torch.equal(base[k], merged[k]))
-    assert changed == sorted(f"{m}.weight" for m in meta["lora"]["modules"])
+    assert changed == sorted(f"{m}.weight" for m in meta.lora["modules"])
 
     # our unmerged model (adapters live) against the merged Hugging Face export
     raw = {**torch.load(src / "mp_rank_00_model_states.pt", weights_only=True)["module"],
            **ds.consolidated_state_dict(src)}
-    arch = models.config_from_dict("gpt", dict(meta["model"], activation_checkpointing=False))
+    arch = models.config_from_dict("gpt", dict(meta.model, activation_checkpointing=False))
     ours = models.build_model("gpt", arch)
     apply_lora(ours, r=4, alpha=8, dropout=0.0, targets=["q", "o"])
     assert not [k for k in ours.load_state_dict(raw, strict=False).missing_keys if k != "lm_head.weight"]

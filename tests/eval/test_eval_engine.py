@@ -79,18 +79,18 @@ def _random_model(eval_model, out):
 
     from llmstack import models
     from llmstack.stages.export import export
-    from llmstack.train.checkpoint import read_weights
+    from llmstack.train.weights import read_weights
 
     _, info, _ = read_weights(eval_model["hf"])
     torch.manual_seed(0)
-    cfg = models.config_from_dict("gpt", dict(info["model"], init_std=0.5))
+    cfg = models.config_from_dict("gpt", dict(info.model, init_std=0.5))
     model = models.build_model("gpt", cfg)
     model.init_weights()
     out.mkdir()
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"))
     keep = ("model_family", "tokenizer_hash", "tokenizer_path", "config")
-    (out / "llmstack_model.json").write_text(json.dumps({**{k: info.get(k) for k in keep}, "model": info["model"]}))
+    (out / "llmstack_model.json").write_text(json.dumps({**{k: getattr(info, k) for k in keep}, "model": info.model}))
     export(str(out), str(out.parent / "random-hf"))
     return out.parent / "random-hf"
 

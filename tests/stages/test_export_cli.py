@@ -41,7 +41,7 @@ def exported(gpt_run):
 def test_export_loads_in_transformers_with_its_tokenizer(gpt_run, exported):
     import transformers as tf
 
-    from llmstack.train.checkpoint import load_for_inference
+    from llmstack.train.weights import load_for_inference
 
     _, run_dir = gpt_run
     ours, tok, _ = load_for_inference(run_dir)
@@ -57,14 +57,14 @@ def test_export_loads_in_transformers_with_its_tokenizer(gpt_run, exported):
 
 
 def test_import_round_trip_generate_and_init(gpt_run, exported, tokenizer_dir):
-    from llmstack.train.checkpoint import read_weights
+    from llmstack.train.weights import read_weights
 
     tmp, run_dir = gpt_run
     imported = tmp / "imported"
     cli("import", str(exported), "--out", str(imported), cwd=tmp)
     _, info, state = read_weights(imported)
     _, _, orig = read_weights(run_dir)
-    assert info["model_family"] == "gpt" and set(state) == set(orig) - {"lm_head.weight"}
+    assert info.model_family == "gpt" and set(state) == set(orig) - {"lm_head.weight"}
     assert all(torch.equal(state[k], orig[k]) for k in state)
 
     # the same greedy continuation from the checkpoint, the imported dir and the HF dir itself

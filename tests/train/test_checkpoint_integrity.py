@@ -19,6 +19,7 @@ import torch
 
 from llmstack.errors import UsageError
 from llmstack.train import checkpoint as ckpt
+from llmstack.train.meta import CheckpointMeta
 
 MODEL, OPTIM = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -43,7 +44,8 @@ class Engine:
 
 
 def save(root: Path, step: int, keep_last: int = 3, engine: Engine | None = None) -> Path:
-    return ckpt.save(engine or Engine(step), root, step, {"step": step, "world_size": 1, "zero_stage": 1}, {}, keep_last)
+    return ckpt.save(engine or Engine(step), root, step, CheckpointMeta(step=step, world_size=1, zero_stage=1), {},
+                     keep_last)
 
 
 def flip_byte(path: Path, at: float = 0.5) -> None:
@@ -167,7 +169,7 @@ def test_load_verifies_and_requires_the_rng_state(root):
     save(root, 5)
     engine = Engine()
     meta, _ = ckpt.load(engine, root / "step_5")
-    assert meta["step"] == 5 and engine.loaded == ["step_5"]
+    assert meta.step == 5 and engine.loaded == ["step_5"]
     save(root, 10)
     (root / "step_10" / "rng_rank0.pt").unlink()
     with pytest.raises(UsageError, match="rng_rank0.pt is missing"):

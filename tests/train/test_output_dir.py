@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.errors import UsageError
-from llmstack.stages.export import check_output_dir, staged_output
+from llmstack.train.outputs import check_output_dir, staged_output
 
 
 def tree(d: Path) -> dict[str, bytes]:
