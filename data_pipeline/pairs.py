@@ -21,6 +21,30 @@ class TooLong(DataError):
     """A pair or prompt over its length limit with on_error=fail (its message names the record)."""
 
 
+def _fitting(sources, read, encode, length, on_error: str, errors: ErrorLog, *, limit: int, limit_key: str,
+             noun: str, unit: str, what: str):
+    """(record, encoded) of every usable record of the sources, in order; one whose `length` exceeds
+    `limit` is skipped and counted as too_long (on_error=fail: TooLong naming it, `limit_key` the
+    config key of the limit). Missing and unreadable sources become DataErrors naming `what`."""
+    try:
+        for src in sources:
+            for i, (where, record) in enumerate(read(src.path, on_error=on_error, errors=errors)):
+                enc = encode(record)
+                if (n := length(enc)) > limit:
+                    msg = f"{noun} of {n} tokens exceeds {limit_key}={limit}"
+                    if on_error == "fail":
+                        raise TooLong(f"{where}: {msg}")
+                    errors.add(src.path, unit, i, "too_long", msg)
+                    continue
+                yield record, enc
+    except TooLong:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{what} not found: {e}") from None
+    except (DataError, ValueError) as e:
+        raise DataError(f"{what}: {e}") from None
+
+
 def load_pairs(sources, tokenizer, seq_len: int, on_error: str, limit: int | None = None) -> tuple[list[dict], ErrorLog]:
     """Encoded pairs of all sources, in order (at most `limit`), and the skipped records.
 
@@ -28,27 +52,12 @@ def load_pairs(sources, tokenizer, seq_len: int, on_error: str, limit: int | Non
     (with on_error=fail: an error naming it); nothing is truncated.
     """
     errors, pairs = ErrorLog(), []
-    try:
-        for src in sources:
-            for i, (where, (prompt, chosen, rejected)) in enumerate(
-                    iter_preference_records(src.path, on_error=on_error, errors=errors)):
-                enc = encode_preference(tokenizer, prompt, chosen, rejected)
-                longest = max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
-                if longest > seq_len:
-                    msg = f"pair of {longest} tokens exceeds data.seq_len={seq_len}"
-                    if on_error == "fail":
-                        raise TooLong(f"{where}: {msg}")
-                    errors.add(src.path, "pair", i, "too_long", msg)
-                    continue
-                pairs.append(enc)
-                if limit is not None and len(pairs) >= limit:
-                    return pairs, errors
-    except TooLong:
-        raise
-    except FileNotFoundError as e:
-        raise DataError(f"preference data not found: {e}") from None
-    except (DataError, ValueError) as e:
-        raise DataError(f"preference data: {e}") from None
+    for _, enc in _fitting(sources, iter_preference_records, lambda r: encode_preference(tokenizer, *r),
+                           lambda e: max(len(e["chosen_ids"]), len(e["rejected_ids"])), on_error, errors,
+                           limit=seq_len, limit_key="data.seq_len", noun="pair", unit="pair", what="preference data"):
+        pairs.append(enc)
+        if limit is not None and len(pairs) >= limit:
+            break
     return pairs, errors
 
 
@@ -116,22 +125,9 @@ def load_prompts(sources, tokenizer, max_len: int, on_error: str) -> tuple[list[
 
     A prompt longer than max_len tokens is skipped and counted as too_long (fail: an error)."""
     errors, ids, texts = ErrorLog(), [], []
-    try:
-        for src in sources:
-            for i, (where, messages) in enumerate(iter_prompt_records(src.path, on_error=on_error, errors=errors)):
-                p = encode_prompt(tokenizer, messages)
-                if len(p) > max_len:
-                    msg = f"prompt of {len(p)} tokens exceeds data.max_prompt_len={max_len}"
-                    if on_error == "fail":
-                        raise TooLong(f"{where}: {msg}")
-                    errors.add(src.path, "record", i, "too_long", msg)
-                    continue
-                ids.append(p)
-                texts.append(next(m["content"] for m in reversed(messages) if m["role"] != "assistant"))
-    except TooLong:
-        raise
-    except FileNotFoundError as e:
-        raise DataError(f"prompt data not found: {e}") from None
-    except (DataError, ValueError) as e:
-        raise DataError(f"prompt data: {e}") from None
+    for messages, p in _fitting(sources, iter_prompt_records, lambda m: encode_prompt(tokenizer, m), len, on_error,
+                                errors, limit=max_len, limit_key="data.max_prompt_len", noun="prompt", unit="record",
+                                what="prompt data"):
+        ids.append(p)
+        texts.append(next(m["content"] for m in reversed(messages) if m["role"] != "assistant"))
     return ids, texts, errors

@@ -118,3 +118,31 @@ def eval_model(tmp_path_factory, tokenizer_dir):
     from tests.eval.helpers import build_model
 
     return build_model(tmp_path_factory.mktemp("eval-model"), tokenizer_dir)
+
+
+class StandInEngine:
+    """What a stage's loss or step calls on a DeepSpeed engine, for arithmetic tests in one process:
+    the module itself."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def train(self):
+        self.module.train()
+
+
+class StandInTrainer:
+    """What a step function calls on the Trainer: backward divides each micro-batch's loss by
+    `accum`, as DeepSpeed's does; no optimizer step (the tests compare gradients)."""
+
+    def __init__(self, accum: int):
+        self.accum = accum
+
+    def backward(self, engine, loss):
+        (loss / self.accum).backward()
+
+    def optimizer_step(self, engine):
+        pass

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, llmstack_cmd, run_cmd
+from tests.conftest import REPO, StandInEngine, StandInTrainer, llmstack_cmd, run_cmd
 
 STEPS = 40
 # a tiny actor / critic (2 layers, width 64), short responses, big steps
@@ -201,30 +201,6 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tokenizer_dir):
         assert max(float((control[k] - big[k]).abs().max()) for k in big) > 1e-4, part
 
 
-class _Engine:
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *a, **k):
-        return self.module(*a, **k)
-
-    def train(self):
-        self.module.train()
-
-
-class _Trainer:
-    """What PPOStep.train calls: DeepSpeed's backward divides each micro-batch's loss by accum."""
-
-    def __init__(self, accum: int):
-        self.accum = accum
-
-    def backward(self, engine, loss):
-        (loss / self.accum).backward()
-
-    def optimizer_step(self, engine):
-        pass
-
-
 def test_ppo_minibatch_gradient_is_the_token_mean_for_any_accumulation():
     """The gradients of one PPO mini-batch of 8 rollouts with responses of uneven length are the
     same as one micro-batch of 8 or 4 x 2 accumulated (a mean of per-micro-batch means would
@@ -263,9 +239,9 @@ def test_ppo_minibatch_gradient_is_the_token_mean_for_any_accumulation():
                      reward=torch.zeros(B), reward_normalized=torch.zeros(B), stopped=torch.ones(B, dtype=torch.bool))
         cfg = PPOConfig.model_validate({"rollout": {"batch": 8}, "train": {"micro_batch": micro, "grad_accum": accum},
                                         "ppo": {"entropy_coef": 0.01}})
-        models = types.SimpleNamespace(actor=_Engine(actor), critic=_Engine(critic))
+        models = types.SimpleNamespace(actor=StandInEngine(actor), critic=StandInEngine(critic))
         step = PPOStep(cfg, models, [], [], None)
-        step.train(_Trainer(accum), ro, [minibatches(torch.arange(B), mask, P, micro, accum)])
+        step.train(StandInTrainer(accum), ro, [minibatches(torch.arange(B), mask, P, micro, accum)])
         return {**{f"actor.{n}": p.grad for n, p in actor.named_parameters()},
                 **{f"critic.{n}": p.grad for n, p in critic.named_parameters()}}
 

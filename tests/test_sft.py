@@ -18,6 +18,7 @@ from llmstack.models.lora import apply_lora, merge_lora_state
 from data_pipeline.chat_batches import SFTBatches, load_conversations
 from llmstack.stages import sft
 from llmstack.train.trainer import MicroBatches
+from tests.conftest import StandInEngine, StandInTrainer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What does `json.dumps` do?"},
@@ -184,29 +185,6 @@ def test_packed_conversation_logits_equal_its_logits_alone(tok, preset):
                 t += x.shape[1]
 
 
-class _Engine:
-    """What the loss function calls: the module itself (no DeepSpeed needed for the arithmetic)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, *a, **k):
-        return self.model(*a, **k)
-
-
-class _Trainer:
-    """What MicroBatches calls: DeepSpeed's backward divides each micro-batch's loss by accum."""
-
-    def __init__(self, accum: int):
-        self.accum = accum
-
-    def backward(self, engine, loss):
-        (loss / self.accum).backward()
-
-    def optimizer_step(self, engine):
-        pass
-
-
 @pytest.mark.parametrize("packed", [True, False])
 def test_accumulation_equals_one_big_batch(tok, packed):
     """micro 1 x accum 8 and micro 8 x accum 1 give the same loss and gradients (and the same as
@@ -220,8 +198,8 @@ def test_accumulation_equals_one_big_batch(tok, packed):
         model = tiny_gpt(tok.vocab_size, seed=3).train()
         data = SFTBatches(ex, seq_len=120, packed=packed, micro=micro, accum=accum, world=1, rank=0, seed=5,
                           pad_id=tok.pad_id)
-        step = MicroBatches(_Engine(model), data, sft.summed_loss, accum, count=sft.supervised)
-        total = float(step(_Trainer(accum), 0).loss)
+        step = MicroBatches(StandInEngine(model), data, sft.summed_loss, accum, count=sft.supervised)
+        total = float(step(StandInTrainer(accum), 0).loss)
         return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_a, g_a = grads(8, 1)
@@ -232,7 +210,7 @@ def test_accumulation_equals_one_big_batch(tok, packed):
     # and it is the token mean over all supervised targets of the batch
     model = tiny_gpt(tok.vocab_size, seed=3)
     with torch.no_grad():
-        tot = sum(float(sft.summed_loss(_Engine(model), {k: torch.from_numpy(v) for k, v in
+        tot = sum(float(sft.summed_loss(StandInEngine(model), {k: torch.from_numpy(v) for k, v in
                                                          sft_collate([[e]], pad_id=tok.pad_id).items()})) for e in ex)
     assert loss_a == pytest.approx(tot / sum(int((y != IGNORE).sum()) for _, y in ex), rel=1e-5)
 
@@ -263,7 +241,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tok):
     batch = {k: torch.from_numpy(v) for k, v in sft_collate([examples(tok, 2)], pad_id=tok.pad_id).items()}
     for _ in range(3):
         opt.zero_grad()
-        sft.summed_loss(_Engine(model), batch).backward()
+        sft.summed_loss(StandInEngine(model), batch).backward()
         opt.step()
     state = model.state_dict()
     merged = merge_lora_state(state, 8 / 4)

@@ -285,9 +285,9 @@ def report_skipped(errors, what: str) -> None:
             env.print0("  " + line)
 
 
-def preference_data(data, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    """(training pairs, validation pairs, skipped counts) of a preference-data config section
-    (reward model, DPO), what was skipped reported."""
+def preference_data(run, data, tokenizer, params: int) -> tuple[list[dict], list[dict]]:
+    """(training pairs, validation pairs) of a preference-data config section (reward model, DPO),
+    what was skipped reported and recorded in the run directory with the model's size."""
     from data_pipeline.pairs import load_pairs
 
     train_pairs, train_err = load_pairs(data.sources, tokenizer, data.seq_len, data.on_error)
@@ -298,4 +298,31 @@ def preference_data(data, tokenizer) -> tuple[list[dict], list[dict], dict]:
         raise UsageError("no usable validation pairs in data.val_sources")
     env.print0(f"preference pairs: {len(train_pairs)} training, {len(val_pairs)} validation "
                f"(skipped {train_err.total} + {val_err.total})")
-    return train_pairs, val_pairs, {"train_skipped": train_err.counts(), "val_skipped": val_err.counts()}
+    run.record(tokenizer.hash, params=params, pairs={"train": len(train_pairs), "val": len(val_pairs),
+                                                     "train_skipped": train_err.counts(),
+                                                     "val_skipped": val_err.counts()})
+    return train_pairs, val_pairs
+
+
+def pair_trainer(run, cfg, engine, meta, train_pairs: list[dict], val_pairs: list[dict], pad_id: int, loss_fn,
+                 pair_stats, window):
+    """The Trainer of a stage that trains one engine on preference pairs (reward model, DPO):
+    its checkpoints (`meta(step, tokens)`), restored when resuming, the pairs from the resumed
+    step on, validation as the means of `pair_stats` over the held-out pairs (logged val_*)."""
+    from data_pipeline.pairs import mean_tokens, pair_batches
+    from llmstack.train.evaluate import evaluate_pairs
+    from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, Trainer
+
+    t = cfg.train
+    checkpointer = Checkpointer([CheckpointPart(engine, run.ckpt_root, meta)], t.keep_last)
+    start = checkpointer.restore(run.resume_from).step if run.resume_from else 0
+    batches = pair_batches(train_pairs, micro=t.micro_batch, world=run.world, rank=run.rank, seed=cfg.seed,
+                           pad_id=pad_id, start=start * run.accum)
+
+    def evaluate() -> dict:
+        val = evaluate_pairs(engine, val_pairs, t.micro_batch, pad_id, pair_stats)
+        return {f"val_{k}": v for k, v in val.items()}
+
+    return Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, loss_fn, run.accum), run_dir=run.dir,
+                   start_step=start, tokens_per_step=int(run.global_batch * mean_tokens(train_pairs)),
+                   evaluate=evaluate, checkpointer=checkpointer, callbacks=[window])

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from data_pipeline.pairs import collate, mean_tokens, pair_batches
+from data_pipeline.pairs import collate
 from llmstack.config import DPOConfig
 from llmstack.distributed import deepspeed as ds
 from llmstack.distributed import env
@@ -28,8 +28,7 @@ from llmstack.rlhf.losses import dpo_loss
 from llmstack.rlhf.rollout import sequence_logprobs
 from llmstack.stages import common
 from llmstack.train import run as train_run
-from llmstack.train.evaluate import evaluate_pairs
-from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, StatWindow, Trainer
+from llmstack.train.trainer import StatWindow
 
 dry_run = train_run.dry_run
 
@@ -94,9 +93,7 @@ def run(cfg: DPOConfig) -> dict:
     policy = common.build_model(arch, run.ds_config, cfg.zero.stage, cfg.seed, cls=PolicyLM, init=init,
                                 tokenizer_hash=tokenizer.hash)
     engine = common.train_engine(policy, t, run.ds_config)
-    train_pairs, val_pairs, skipped = common.preference_data(cfg.data, tokenizer)
-    run.record(tokenizer.hash, pairs={"train": len(train_pairs), "val": len(val_pairs), **skipped},
-               params=policy.num_params())
+    train_pairs, val_pairs = common.preference_data(run, cfg.data, tokenizer, policy.num_params())
     reference = make_reference(cfg, run, arch, init, tokenizer, train_pairs, val_pairs)
     init = None
 
@@ -108,11 +105,6 @@ def run(cfg: DPOConfig) -> dict:
 
     meta = lambda step, tokens: run.meta(step, tokens, tokenizer=tokenizer, arch=arch, zero_stage=cfg.zero.stage,  # noqa
                                          stage="dpo")
-    checkpointer = Checkpointer([CheckpointPart(engine, run.ckpt_root, meta)], t.keep_last)
-    start = checkpointer.restore(run.resume_from).step if run.resume_from else 0
-    pad = tokenizer.pad_id or 0
-    batches = pair_batches(train_pairs, micro=t.micro_batch, world=run.world, rank=run.rank, seed=cfg.seed, pad_id=pad,
-                           start=start * run.accum)
     window = StatWindow()
 
     def loss_fn(eng, batch):
@@ -121,13 +113,9 @@ def run(cfg: DPOConfig) -> dict:
                    chosen_reward=stats["chosen_reward"], rejected_reward=stats["rejected_reward"])
         return loss
 
-    def evaluate() -> dict:
-        val = evaluate_pairs(engine, val_pairs, t.micro_batch, pad, lambda e, b: pair_stats(e, b, "val"))
-        return {f"val_{k}": v for k, v in val.items()}
-
-    trainer = Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, loss_fn, run.accum), run_dir=run.dir,
-                      start_step=start, tokens_per_step=int(run.global_batch * mean_tokens(train_pairs)),
-                      evaluate=evaluate, checkpointer=checkpointer, callbacks=[window])
+    trainer = common.pair_trainer(run, cfg, engine, meta, train_pairs, val_pairs, tokenizer.pad_id or 0, loss_fn,
+                                  lambda e, b: pair_stats(e, b, "val"), window)
+    start = trainer.start_step
     before = trainer.validate()
     env.print0(f"validation before training: implicit reward margin {before['val_margin']:.4f}, "
                f"accuracy {before['val_accuracy']:.3f}")

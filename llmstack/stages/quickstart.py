@@ -26,15 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-from llmstack.config import DPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
+from llmstack.config import PretrainConfig, load_config
 from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.stages import common, pretrain
 from llmstack.stages.report import write_report
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "eval")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EVAL_TASKS = ("ppl:builtin:validation", "demo_mc")
+
+
+def stage_table():
+    from llmstack.stages import STAGES
+
+    return STAGES
 
 
 def quickstart_config(out: Path, steps: int) -> PretrainConfig:
@@ -131,36 +136,27 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
         report["seconds"] = {**seconds, "total": round(time.perf_counter() - t_start, 1)}
         return _finish(out_dir, report, intro, [pre_row])
 
-    banner("2/6 supervised fine-tuning")
-    sft_cfg = demo_config(SFTConfig, "sft", "gpt-tiny-demo.yaml",
-                          [f"run.dir={out_dir / 'sft'}", f"model.init={pre_ckpt}", "train.resume=none"], scale)
-    sft = timed("sft", _stage("sft"), sft_cfg)
-    sft_ckpt = str(out_dir / "sft" / "checkpoints" / "latest")
-
-    banner("3/6 reward model")
-    rm_cfg = demo_config(RMConfig, "rm", "demo.yaml",
-                         [f"run.dir={out_dir / 'rm'}", f"model.init={sft_ckpt}", "train.resume=none"], scale)
-    rm = timed("rm", _stage("reward"), rm_cfg)
-    rm_ckpt = str(out_dir / "rm" / "checkpoints" / "latest")
-
-    banner("4/6 PPO against the reward model")
-    ppo_cfg = demo_config(PPOConfig, "ppo", "demo.yaml",
-                          [f"run.dir={out_dir / 'ppo'}", f"actor.init={sft_ckpt}", f"reward.init={rm_ckpt}",
-                           "train.resume=none"], scale)
-    ppo = timed("ppo", _stage("ppo"), ppo_cfg)
-    ppo_ckpt = str(out_dir / "ppo" / "checkpoints" / "actor" / "latest")
-
-    banner("5/6 DPO")
-    dpo_cfg = demo_config(DPOConfig, "dpo", "demo.yaml",
-                          [f"run.dir={out_dir / 'dpo'}", f"model.init={sft_ckpt}", "train.resume=none"], scale)
-    dpo = timed("dpo", _stage("dpo"), dpo_cfg)
-    dpo_ckpt = str(out_dir / "dpo" / "checkpoints" / "latest")
+    ckpts, cfgs, results = {"pretrain": pre_ckpt}, {}, {}
+    later = (  # (command, title, demo config, overrides naming earlier stages' checkpoints)
+        ("sft", "supervised fine-tuning", "gpt-tiny-demo.yaml", ["model.init={pretrain}"]),
+        ("rm", "reward model", "demo.yaml", ["model.init={sft}"]),
+        ("ppo", "PPO against the reward model", "demo.yaml", ["actor.init={sft}", "reward.init={rm}"]),
+        ("dpo", "DPO", "demo.yaml", ["model.init={sft}"]),
+    )
+    for i, (name, title, file, overrides) in enumerate(later, start=2):
+        banner(f"{i}/6 {title}")
+        stage = stage_table()[name]
+        cfgs[name] = demo_config(stage.schema, name, file, [f"run.dir={out_dir / name}", "train.resume=none",
+                                                            *(o.format(**ckpts) for o in overrides)], scale)
+        results[name] = timed(name, stage.run, cfgs[name])
+        ckpts[name] = str(out_dir / name / "checkpoints" / ("actor" if name == "ppo" else "") / "latest")
+    sft, rm, ppo, dpo = (results[k] for k in ("sft", "rm", "ppo", "dpo"))
 
     banner("6/6 evaluation")
     evals = {}
     t0 = time.perf_counter()
-    for name, ckpt in (("pretrain", pre_ckpt), ("sft", sft_ckpt), ("ppo", ppo_ckpt), ("dpo", dpo_ckpt)):
-        evals[name] = evaluate(ckpt, out_dir / "eval" / f"{name}.json")
+    for name in ("pretrain", "sft", "ppo", "dpo"):
+        evals[name] = evaluate(ckpts[name], out_dir / "eval" / f"{name}.json")
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     report["stages"]["eval"] = evals
     report["seconds"] = {**seconds, "total": round(time.perf_counter() - t_start, 1)}
@@ -168,20 +164,20 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
     ppl_task = EVAL_TASKS[0]
     stages = [
         pre_row,
-        {"name": "sft", "run_dir": sft_cfg.run.path, "metrics": {
+        {"name": "sft", "run_dir": cfgs["sft"].run.path, "metrics": {
             "response loss before -> after (nats/token)": f"{sft['val_loss_before']:.4f} -> {sft['val_loss_after']:.4f}",
             "supervised tokens": sft["supervised_tokens"], "skipped records": sft["skipped_records"],
             "seconds": seconds["sft"]}},
-        {"name": "rm", "run_dir": rm_cfg.run.path, "metrics": {
+        {"name": "rm", "run_dir": cfgs["rm"].run.path, "metrics": {
             "held-out pairwise accuracy before -> after": f"{rm['val_accuracy_before']:.3f} -> {rm['val_accuracy']:.3f}",
             "held-out reward margin": rm["val_margin"], "seconds": seconds["rm"]}},
-        {"name": "ppo", "run_dir": ppo_cfg.run.path, "metrics": {
+        {"name": "ppo", "run_dir": cfgs["ppo"].run.path, "metrics": {
             "mean reward first -> last steps": f"{ppo['reward_first']:.3f} -> {ppo['reward_last']:.3f}",
             "KL to reference (last, max)": f"{ppo['kl_last']:.4f}, {ppo['kl_max']:.4f}",
             "time per step generate / score / train (s)":
                 f"{ppo['time_generate']:.2f} / {ppo['time_score']:.2f} / {ppo['time_train']:.2f}",
             "seconds": seconds["ppo"]}},
-        {"name": "dpo", "run_dir": dpo_cfg.run.path, "metrics": {
+        {"name": "dpo", "run_dir": cfgs["dpo"].run.path, "metrics": {
             "held-out accuracy before -> after": f"{dpo['val_accuracy_before']:.3f} -> {dpo['val_accuracy']:.3f}",
             "held-out implicit reward margin before -> after": f"{dpo['val_margin_before']:.4f} -> {dpo['val_margin']:.4f}",
             "seconds": seconds["dpo"]}},
@@ -200,12 +196,3 @@ def _finish(out_dir: Path, report: dict, intro: list[str], stages: list[dict]) -
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(path.read_text())
     return report
-
-
-def _stage(module: str):
-    """A later stage's run(), imported when reached (each pulls in its own dependencies)."""
-    def call(cfg):
-        import importlib
-
-        return importlib.import_module(f"llmstack.stages.{module}").run(cfg)
-    return call

@@ -15,15 +15,13 @@ import time
 
 import torch
 
-from data_pipeline.pairs import mean_tokens, pair_batches
 from llmstack.config import RMConfig
 from llmstack.distributed import env
 from llmstack.models.heads import ScalarHeadModel, sequence_scores
 from llmstack.rlhf.losses import pairwise_loss
 from llmstack.stages import common
 from llmstack.train import run as train_run
-from llmstack.train.evaluate import evaluate_pairs
-from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, StatWindow, Trainer
+from llmstack.train.trainer import StatWindow
 
 dry_run = train_run.dry_run
 
@@ -43,17 +41,10 @@ def run(cfg: RMConfig) -> dict:
     model = common.build_model(arch, run.ds_config, cfg.zero.stage, cfg.seed, cls=ScalarHeadModel, init=init,
                                tokenizer_hash=tokenizer.hash)
     engine = common.train_engine(model, t, run.ds_config)
-    train_pairs, val_pairs, skipped = common.preference_data(cfg.data, tokenizer)
-    run.record(tokenizer.hash, pairs={"train": len(train_pairs), "val": len(val_pairs), **skipped},
-               params=model.num_params())
+    train_pairs, val_pairs = common.preference_data(run, cfg.data, tokenizer, model.num_params())
 
     meta = lambda step, tokens: run.meta(step, tokens, tokenizer=tokenizer, arch=arch, zero_stage=cfg.zero.stage,  # noqa
                                          head="scalar", stage="rm")
-    checkpointer = Checkpointer([CheckpointPart(engine, run.ckpt_root, meta)], t.keep_last)
-    start = checkpointer.restore(run.resume_from).step if run.resume_from else 0
-    pad = tokenizer.pad_id or 0
-    batches = pair_batches(train_pairs, micro=t.micro_batch, world=run.world, rank=run.rank, seed=cfg.seed, pad_id=pad,
-                           start=start * run.accum)
     window = StatWindow()
 
     def loss_fn(eng, batch):
@@ -61,13 +52,9 @@ def run(cfg: RMConfig) -> dict:
         window.add(accuracy=stats["accuracy"].mean(), margin=stats["margin"].mean())
         return stats["loss"].mean()
 
-    def evaluate() -> dict:
-        val = evaluate_pairs(engine, val_pairs, t.micro_batch, pad, lambda e, b: rm_pair_stats(e, b, margin))
-        return {f"val_{k}": v for k, v in val.items()}
-
-    trainer = Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, loss_fn, run.accum), run_dir=run.dir,
-                      start_step=start, tokens_per_step=int(run.global_batch * mean_tokens(train_pairs)),
-                      evaluate=evaluate, checkpointer=checkpointer, callbacks=[window])
+    trainer = common.pair_trainer(run, cfg, engine, meta, train_pairs, val_pairs, tokenizer.pad_id or 0, loss_fn,
+                                  lambda e, b: rm_pair_stats(e, b, margin), window)
+    start = trainer.start_step
     before = trainer.validate()
     env.print0(f"validation before training: accuracy {before['val_accuracy']:.3f}, margin {before['val_margin']:.3f}")
     env.print0(f"rm {run.dir}: world {run.world}, ZeRO-{cfg.zero.stage}, {cfg.precision}, {run.global_batch} pairs/step "
