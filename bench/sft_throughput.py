@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     from llmstack import models
     from llmstack.distributed import deepspeed as ds
     from llmstack.distributed import env
+    from data_pipeline.chat_batches import SFTBatches, load_conversations
     from llmstack.stages import common, sft
     from llmstack.train.optim import param_groups
 
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="sft-bench-")) / "tok"
         tok = train_tokenizer(builtin_texts("train"), tmp, kind="bpe", vocab_size=4096, num_sentinels=0,
                               max_chars=5_000_000)
-    examples, stats = sft.load_conversations(["builtin-sft:train"], tok, seq_len=args.seq_len, train_on="all",
-                                             overlong="truncate", side="right", on_error="skip")
+    examples, stats = load_conversations(["builtin-sft:train"], tok, seq_len=args.seq_len, train_on="all",
+                                         overlong="truncate", side="right", on_error="skip")
     print(f"demo pairs: {stats['conversations']} conversations, {stats['tokens']} tokens "
           f"({stats['supervised_tokens']} supervised), {stats['truncated']} truncated to {args.seq_len + 1} tokens")
 
@@ -74,15 +75,15 @@ def main(argv=None) -> None:
     for name, packed in (("packing", True), ("padding", False)):
         model = common.build_model(arch, ds_config, 0, seed=0)
         engine = ds.create_engine(model, param_groups(model, 0.0), ds_config, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-        batches = sft.SFTBatches(examples, seq_len=args.seq_len, packed=packed, micro=args.micro, accum=1, world=1,
-                                 rank=0, seed=0, pad_id=tok.pad_id)
+        batches = SFTBatches(examples, seq_len=args.seq_len, packed=packed, micro=args.micro, accum=1, world=1,
+                             rank=0, seed=0, pad_id=tok.pad_id)
         modes[name] = {"engine": engine, "batches": batches, "times": [], "tokens": [], "sup": [], "positions": []}
 
     def step(m: dict, timed: bool) -> None:
         k = m["batches"].step
         batch = next(m["batches"])
         t0 = time.perf_counter()
-        loss = sft.sft_loss(m["engine"], batch)
+        loss = sft.summed_loss(m["engine"], batch) / sft.supervised(batch)  # the token mean of the micro-batch
         m["engine"].backward(loss)
         m["engine"].step()
         dt = time.perf_counter() - t0

@@ -367,7 +367,7 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-# --- skipping an update whose gradients are not finite (train/loop.py RunGuard) ---------------
+# --- skipping an update whose gradients are not finite (train/guard.py RunGuard) ---------------
 #
 # DeepSpeed's optimizer wrappers (ZeRO 1-3 in every precision, the bf16 and fp16 wrappers without
 # ZeRO) compute the global gradient norm at the accumulation boundary and, when it is inf or NaN,

@@ -4,7 +4,7 @@
     python tests/distributed/skip_matrix.py --out FILE                       (one process)
 
 For each (precision, stage) a tiny GPT in a real DeepSpeed engine (AdamW, 2 micro-batches per
-step) trains through train/loop.py's RunGuard for these steps:
+step) trains through train/guard.py's RunGuard for these steps:
 
     ok         a normal step
     nan_loss   the loss of the last rank's second micro-batch is NaN (the other ranks' are finite)
