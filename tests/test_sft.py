@@ -109,11 +109,11 @@ def test_parse_records_and_bad_input(tok, tmp_path):
         list(formats.iter_chat_records(str(path), on_error="fail"))
     # the data layer turns them into counts (skip) or a DataError naming file and line (fail, exit 2)
     ex, stats = load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate",
-                                       side="right", on_error="skip")
+                                   side="right", on_error="skip")
     assert len(ex) == 2 and stats["skipped_records"] == 4
     with pytest.raises(DataError, match="chat.jsonl:2"):
         load_conversations([str(path)], tok, seq_len=64, train_on="all", overlong="truncate", side="right",
-                               on_error="fail")
+                           on_error="fail")
 
 
 def test_tokenizer_without_role_tokens_is_refused(tok):
@@ -141,7 +141,7 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tok, tmp_pa
     limit = len(formats.encode_chat(tok, CONVERSATIONS[0])[0])  # the first fits, the second does not
     for overlong, key in (("truncate", "truncated"), ("drop", "dropped_overlong")):
         ex, stats = load_conversations([str(path)], tok, seq_len=limit, train_on="all", overlong=overlong,
-                                           side="right", on_error="skip")
+                                       side="right", on_error="skip")
         assert stats[key] == 1 and len(ex) == (2 if overlong == "truncate" else 1)
 
 
