@@ -248,3 +248,22 @@ def test_ppo_minibatch_gradient_is_the_token_mean_for_any_accumulation():
     one, split = grads(8, 1), grads(4, 2)
     for k in one:
         torch.testing.assert_close(split[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_divergence_stops_with_status_3_and_keeps_the_good_checkpoint(tmp_path, tokenizer_dir):
+    """PPO trains under the same guard as every stage: with a learning rate of 1e30 the losses turn
+    non-finite after the first update; those steps are skipped and counted, the run stops with exit
+    status 3 past train.max_skipped_steps, metrics.jsonl stays strict JSON, and the only checkpoint
+    (actor and critic) is the one of step 1."""
+    cmd, run_dir = ppo_cmd(tmp_path, tokenizer_dir, "diverged", *RULE, "actor.lr=1e30", "critic.lr=1e30",
+                           "train.warmup_steps=0", "train.save_every=1", "train.max_skipped_steps=2",
+                           "rollout.batch=8", "train.micro_batch=8", "ppo.epochs=1", steps=8)
+    proc = run_cmd(cmd, cwd=tmp_path, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "training diverged at step 4" in proc.stderr
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["loss"] is not None
+    assert all(r["skipped"] and r["loss"] is None for r in rows[1:]) and rows[-1]["skipped_steps"] == 3
+    for part in ("actor", "critic"):
+        ckpts = run_dir / "checkpoints" / part
+        assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_1"], part
