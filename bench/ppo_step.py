@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     from llmstack.models import hf
     from llmstack.models.heads import PolicyLM, ScalarHeadModel
     from llmstack.stages import common
+    from llmstack.stages.policy import Sampler
     from llmstack.stages.ppo import PPOStep, Scorer
     from llmstack.train.run import ds_config_for
     from llmstack.train.trainer import StatWindow
@@ -84,8 +85,10 @@ def main(argv=None) -> int:
     reward = common.build_model(arch, dsf, 0, 2, cls=ScalarHeadModel).to(dev, dtype).eval()
     scorer = Scorer(model=reward, end_ids=(8, 2), pad_id=0)
     n_params = actor.module.num_params()
-    four = SimpleNamespace(actor=actor, critic=critic, reference=reference, scorer=scorer, decoder=actor.module,
-                           zero3=False, end_ids=(8, 2), pad=0)
+    sampler = Sampler(actor, arch, 0, seed=cfg.seed, max_new_tokens=args.new_tokens, temperature=1.0, end_ids=(8, 2),
+                      pad_id=0)
+    four = SimpleNamespace(actor=actor, critic=critic, reference=reference, scorer=scorer, sampler=sampler,
+                           end_ids=(8, 2), pad=0)
 
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(16, 49, (args.batch,), generator=g).tolist()

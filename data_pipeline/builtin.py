@@ -363,3 +363,51 @@ def builtin_preference_pairs(split: str = "train") -> Iterator[dict]:
         rng = random.Random(f"{split}:{i}")
         yield {"prompt": p["prompt"], "chosen": p["response"], "rejected": _rejected(pairs, i, kind, rng, by_sort),
                "kind": kind, "module": p["module"], "name": p["name"]}
+
+
+# --- a verifiable task: small arithmetic ---
+# "What is 3 + 4?" -> "7": every sum, difference and product of two single-digit numbers (300) and every
+# chain of three single-digit numbers joined by + and - (4,000). A tiny model can learn these, and the
+# answer is checked exactly (llmstack.rlhf.verifiers.numeric_answer), which makes it the demo task of
+# critic-free RL on verifiable rewards. The split is by a stable hash of the expression (about 5% to
+# validation), so validation questions never occur in train; the order is a fixed shuffle, so the two
+# kinds of question are mixed. Records carry `answer` (the reference a verifier reads) and the same text
+# as `response`, so the task is also an SFT source for a warm start.
+
+ARITH_VALIDATION_PERCENT = 5
+
+
+def _arith_expressions() -> list[tuple[str, int]]:
+    digits = range(10)
+    out = [(f"{a} {op} {b}", fn(a, b)) for op, fn in (("+", int.__add__), ("-", int.__sub__), ("*", int.__mul__))
+           for a in digits for b in digits]
+    for a in digits:
+        for op1 in "+-":
+            for b in digits:
+                for op2 in "+-":
+                    for c in digits:
+                        ab = a + b if op1 == "+" else a - b
+                        out.append((f"{a} {op1} {b} {op2} {c}", ab + c if op2 == "+" else ab - c))
+    return out
+
+
+def arith_split_of(expression: str) -> str:
+    """The split of an arithmetic question: a stable hash of its expression, not Python's salted hash()."""
+    h = int.from_bytes(hashlib.sha1(expression.encode("utf-8")).digest()[:4], "big")
+    return "validation" if h % 100 < ARITH_VALIDATION_PERCENT else "train"
+
+
+def builtin_arith_tasks(split: str = "train") -> Iterator[dict]:
+    """Arithmetic questions ``{"prompt", "answer", "response", "expression"}`` of one split, in a fixed order.
+
+    ``answer`` is the integer result as a string ("-4"); train has 4,050 records (285 of them two-number
+    questions), validation 250.
+    """
+    import random
+
+    check_split(split)
+    items = [(e, v) for e, v in _arith_expressions() if arith_split_of(e) == split]
+    random.Random(f"builtin-arith:{split}").shuffle(items)  # str seeds hash with sha512: stable across versions
+    for expression, value in items:
+        yield {"prompt": f"What is {expression}?", "answer": str(value), "response": str(value),
+               "expression": expression}

@@ -43,6 +43,7 @@ IGNORE = -100
 CHAT_ERROR_KINDS = ("invalid_utf8", "malformed_json", "missing_field", "unknown_role", "no_assistant",
                     "empty_response", "empty_text")
 DEMO_PREFIX = "builtin-sft"  # source spec of the demo instruction pairs: builtin-sft:train | builtin-sft:validation
+ARITH_PREFIX = "builtin-arith"  # the demo verifiable task: builtin-arith:train | builtin-arith:validation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +228,8 @@ class _Rows:
 
 def chat_units(spec: str) -> list:
     """The readable units of a chat source spec: .jsonl(.gz/.zst) files or globs, ``hf:...``
-    datasets (streaming or save_to_disk), or ``builtin-sft:train|validation`` (the demo pairs).
+    datasets (streaming or save_to_disk), ``builtin-sft:train|validation`` (the demo pairs) or
+    ``builtin-arith:train|validation`` (the demo arithmetic task, prompt + response + answer).
     FileNotFoundError for missing files, DataError for unsupported specs."""
     from data_pipeline import builtin, sources
 
@@ -235,6 +237,10 @@ def chat_units(spec: str) -> list:
         split = spec.partition(":")[2] or "train"
         builtin.check_split(split)
         return [_Rows(spec, "pair", enumerate(builtin.builtin_sft_pairs(split)))]
+    if spec.startswith(ARITH_PREFIX):
+        split = spec.partition(":")[2] or "train"
+        builtin.check_split(split)
+        return [_Rows(spec, "task", enumerate(builtin.builtin_arith_tasks(split)))]
     if spec.startswith("hf:") or os.path.isdir(spec):
         rest = spec[3:] if spec.startswith("hf:") else spec
         parts = rest.split(":")
@@ -402,3 +408,19 @@ def iter_preference_records(spec: str, *, on_error: str = "skip", errors: ErrorL
 def iter_prompt_records(spec: str, *, on_error: str = "skip", errors: ErrorLog | None = None):
     """(where, prompt messages) of every usable PPO prompt record of a source, in order."""
     yield from parsed_records(preference_units(spec), parse_prompt_record, on_error, errors)
+
+
+def iter_task_records(spec: str, *, reference_field: str = "answer", on_error: str = "skip",
+                      errors: ErrorLog | None = None):
+    """(where, prompt messages, reference) of every usable task record of a source, in order.
+
+    The prompt is read as by :func:`iter_prompt_records`; the reference is the record's
+    `reference_field` (an answer, test code, ...) as stored, or None when absent: whether a task
+    needs one is the verifier's business, not the reader's.
+    """
+    def parse(record: Any, where: str) -> tuple[list[dict], Any]:
+        messages = parse_prompt_record(record, where)  # BadRecord unless record is an object
+        return messages, record.get(reference_field)
+
+    for where, (messages, reference) in parsed_records(preference_units(spec), parse, on_error, errors):
+        yield where, messages, reference

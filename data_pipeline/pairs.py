@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from data_pipeline.errors import DataError, ErrorLog
-from data_pipeline.formats import encode_preference, encode_prompt, iter_preference_records, iter_prompt_records
+from data_pipeline.formats import (encode_preference, encode_prompt, iter_preference_records, iter_prompt_records,
+                                   iter_task_records)
 
 
 class TooLong(DataError):
@@ -131,3 +132,21 @@ def load_prompts(sources, tokenizer, max_len: int, on_error: str) -> tuple[list[
         ids.append(p)
         texts.append(next(m["content"] for m in reversed(messages) if m["role"] != "assistant"))
     return ids, texts, errors
+
+
+def load_tasks(sources, tokenizer, max_len: int, on_error: str,
+               reference_field: str = "answer") -> tuple[list[list[int]], list[str], list, ErrorLog]:
+    """As `load_prompts`, plus each record's reference (its `reference_field`, None when absent):
+    (prompt ids, last user message texts, references, skipped records)."""
+    def read(spec, **kw):
+        for where, messages, reference in iter_task_records(spec, reference_field=reference_field, **kw):
+            yield where, (messages, reference)
+
+    errors, ids, texts, refs = ErrorLog(), [], [], []
+    for (messages, reference), p in _fitting(sources, read, lambda r: encode_prompt(tokenizer, r[0]), len, on_error,
+                                             errors, limit=max_len, limit_key="data.max_prompt_len", noun="prompt",
+                                             unit="record", what="task data"):
+        ids.append(p)
+        texts.append(next(m["content"] for m in reversed(messages) if m["role"] != "assistant"))
+        refs.append(reference)
+    return ids, texts, refs, errors

@@ -19,7 +19,7 @@ from llmstack.errors import Diverged, TrainingStopped, UsageError
 _PEER_EXIT_GRACE_S = 3.0
 
 # the commands dispatched through llmstack.stages.STAGES (imported only when one of them runs)
-TRAINING_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+TRAINING_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
 
@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "with a per-token KL penalty to the reference (fixed or adaptive), GAE, whitened advantages, clipped "
                 "policy and value losses, several epochs of mini-batches per rollout batch. Logs reward, KL, entropy, "
                 "clip fraction, value loss, approx-KL, response length and the generate/score/train time split.")
+
+    _config_cmd(sub, "grpo", "critic-free group-relative RL on verifiable rewards (GRPO, Dr. GRPO, RLOO, REINFORCE++)",
+                "Sample rollout.group_size completions of each prompt from the actor (actor.init, e.g. an SFT "
+                "checkpoint), score them with a verifier (reward.function: llmstack.rlhf.verifiers:numeric_answer, "
+                "regex_format or program_tests, or any module:function called as f(prompts, responses, references, "
+                "**reward.kwargs)) against each record's reference (data.reference_field), and train with "
+                "group-relative advantages (grpo.algo: grpo, dr_grpo, rloo, reinforce_pp), the clipped objective "
+                "(grpo.clip_low / clip_high), optional KL to the reference (grpo.kl_coef, in the loss or the reward), "
+                "dynamic sampling and overlong handling. No critic, no reward model. Logs reward, the fraction of "
+                "all-equal groups, KL, clip fraction, response length and the sampler-vs-trainer log-prob gap.")
 
     data = sub.add_parser("data", help="prepare and inspect token shards", description="Data commands.")
     data_sub = data.add_subparsers(dest="action", metavar="ACTION", required=True)

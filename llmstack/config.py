@@ -509,7 +509,88 @@ class PPOConfig(Strict):
         return self
 
 
-SCHEMAS.update({"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig})
+# --- group-relative RL with verifiable rewards: GRPO, Dr. GRPO, RLOO, REINFORCE++ ----------------
+
+
+class VerifierConfig(Strict):
+    function: str = Field("llmstack.rlhf.verifiers:numeric_answer", description="'module:function', called as "
+                          "f(prompts, responses, references, **kwargs) -> one float per response; built-in verifiers "
+                          "in llmstack.rlhf.verifiers: numeric_answer, regex_format, program_tests")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of reward.function")
+
+    @model_validator(mode="after")
+    def _module_function(self):
+        if ":" not in self.function:
+            raise ValueError(f"reward.function must be 'module:function', got {self.function!r}")
+        return self
+
+
+class TaskDataConfig(Strict):
+    sources: list[ChatSourceConfig] = Field(default_factory=lambda: [ChatSourceConfig(path="builtin-arith:train")],
+                                            description="prompt / messages records with a reference field")
+    reference_field: str = Field("answer", description="the record field handed to the verifier (answer, tests)")
+    max_prompt_len: int = Field(64, ge=1, description="longer prompts are skipped and counted (fail: an error)")
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+class GroupRolloutConfig(Strict):
+    prompts: int = Field(8, ge=1, description="prompts per process per step")
+    group_size: int = Field(4, ge=2, description="completions sampled per prompt (the group)")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the log-probs use the same)")
+
+
+class GroupOptions(Strict):
+    algo: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="advantage estimator: grpo (group mean/std), dr_grpo (group mean), rloo (leave-one-out "
+        "mean), reinforce_pp (group mean, batch std)")
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] | None = Field(
+        None, description="how token losses become the loss; default: the algorithm's paper's")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="ratio clip below: 1 - clip_low")
+    clip_high: float = Field(0.2, gt=0, description="ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)")
+    kl_coef: float = Field(0.0, ge=0, description="KL to the reference (0: none, and no reference model is built)")
+    kl_in: Literal["loss", "reward"] = Field("loss", description="loss: k3 per token in the loss (GRPO); reward: "
+                                             "the sequence's k1 KL subtracted from its reward")
+    dynamic_sampling: bool = Field(False, description="groups whose rewards are all equal carry no loss (DAPO); "
+                                   "counted as equal_groups")
+    overlong: Literal["keep", "filter", "penalty"] = Field(
+        "keep", description="completions that reach max_new_tokens without a stop token: trained on as they are, "
+        "excluded from the loss (DAPO's overlong filtering), or their reward lowered by overlong_penalty")
+    overlong_penalty: float = Field(1.0, ge=0)
+
+
+class GRPOConfig(Strict):
+    """`llmstack grpo`: critic-free, group-relative policy optimisation on verifiable rewards: n
+    completions per prompt, group-normalised advantages, no critic, no reward model. `train` as in
+    PPO: micro_batch completions per micro-batch, grad_accum of them per optimizer step."""
+
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="grpo"))
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    actor: PPOModelConfig = Field(default_factory=PPOModelConfig)
+    reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    reward: VerifierConfig = Field(default_factory=VerifierConfig)
+    data: TaskDataConfig = Field(default_factory=TaskDataConfig)
+    rollout: GroupRolloutConfig = Field(default_factory=GroupRolloutConfig)
+    grpo: GroupOptions = Field(default_factory=GroupOptions)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.actor.family != "gpt":
+            raise ValueError(f"actor.family={self.actor.family}: GRPO trains decoder-only gpt models")
+        t, rows = self.train, self.rollout.prompts * self.rollout.group_size
+        if rows % (t.micro_batch * t.grad_accum):
+            raise ValueError(f"rollout.prompts x rollout.group_size = {rows} completions must be a multiple of "
+                             f"train.micro_batch x train.grad_accum = {t.micro_batch} x {t.grad_accum} (the mini-batch)")
+        return self
+
+
+SCHEMAS.update({"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig})
 SCHEMAS["sft"] = SFTConfig
 
 

@@ -129,12 +129,16 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
+    with_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """The new tokens of each prompt (a stop token, when one ends the row, included).
 
     model: a GPT or a T5 (in eval mode). prompts: token ids, any lengths. temperature 0 is greedy.
     use_cache=False recomputes the whole sequence at every step (the reference the cache is
-    tested against). generator: seeds sampling.
+    tested against). generator: seeds sampling. with_logprobs: also the log-probability of each
+    new token under the distribution it was sampled from (the logits, fp32, divided by the
+    temperature; after a repetition penalty, before top-k / top-p): what RL stages compare with
+    their training forward.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -154,19 +158,27 @@ def generate(
             stepper = _T5Stepper(model, prompts, max_new_tokens, use_cache)
         else:
             stepper = _GPTStepper(model, prompts, max_new_tokens, use_cache, pad_id)
-        return _decode(stepper, max_new_tokens, stop, pad_id, opts)
+        tokens, logprobs = _decode(stepper, max_new_tokens, stop, pad_id, opts, with_logprobs)
+    return (tokens, logprobs) if with_logprobs else tokens
 
 
-def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts: dict) -> list[list[int]]:
+def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts: dict,
+            with_logprobs: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
     """The loop shared by both model kinds: pick a token per row, feed it back, until done."""
     logits = stepper.first()
     B, dev = logits.shape[0], logits.device
     stop = stop.to(dev)
     penalty = opts["repetition_penalty"] != 1.0
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    out = []
+    out, lps = [], []
     for step in range(max_new_tokens):
         tok = next_tokens(logits, stepper.seen if penalty else None, **opts)
+        if with_logprobs:
+            scaled = logits.float()
+            if penalty:
+                scaled = apply_repetition_penalty(scaled, stepper.seen, opts["repetition_penalty"])
+            scaled = scaled / opts["temperature"] if opts["temperature"] > 0 else scaled
+            lps.append(torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1))
         if len(stop):  # (no stop token: every row runs to max_new_tokens, nothing to check)
             tok = tok.masked_fill(finished, pad_id)
             finished |= torch.isin(tok, stop)
@@ -181,7 +193,9 @@ def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts:
     for row in torch.stack(out, dim=1).tolist():  # (B, n)
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         result.append(row[:cut])
-    return result
+    if not with_logprobs:
+        return result, None
+    return result, [row[:len(r)] for row, r in zip(torch.stack(lps, dim=1).tolist(), result)]
 
 
 class _GPTStepper:

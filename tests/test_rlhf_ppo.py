@@ -107,7 +107,7 @@ def test_decoding_copy_is_the_actor_in_its_dtype(tie):
     from llmstack.distributed.deepspeed import copy_full_weights
     from llmstack.models.gpt import GPTConfig
     from llmstack.models.heads import PolicyLM
-    from llmstack.stages.ppo import decoding_copy
+    from llmstack.stages.policy import decoding_copy
 
     arch = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=16, max_seq_len=32, tie_embeddings=tie)
     torch.manual_seed(0)
@@ -214,7 +214,8 @@ def test_ppo_minibatch_gradient_is_the_token_mean_for_any_accumulation():
     from llmstack.models.heads import PolicyLM, ScalarHeadModel
     from llmstack.rlhf import rollout
     from llmstack.rlhf.rollout import Rollout
-    from llmstack.stages.ppo import PPOStep, minibatches
+    from llmstack.stages.policy import minibatches
+    from llmstack.stages.ppo import PPOStep
 
     arch = GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
     B, P, R = 8, 3, 6

@@ -16,7 +16,7 @@ from llmstack.config import SCHEMAS, load_config
 from llmstack.errors import ConfigError
 from tests.conftest import REPO, child_env
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 CONFIG = {"pretrain": "configs/pretrain/gpt-tiny.yaml", "sft": "configs/sft/lora.yaml", "rm": "configs/rm/demo.yaml",
           "dpo": "configs/dpo/demo.yaml", "ppo": "configs/ppo/demo.yaml"}
 

@@ -1,6 +1,6 @@
 """The stages, and the table of the five training commands the CLI dispatches through.
 
-`STAGES` maps a command (`pretrain`, `sft`, `rm`, `dpo`, `ppo`) to its schema and its module's
+`STAGES` maps a command (`pretrain`, `sft`, `rm`, `dpo`, `ppo`, `grpo`) to its schema and its module's
 `run(cfg) -> dict` and `dry_run(cfg) -> None`. It is built on first access (a module
 `__getattr__`), not when the package is imported: the stage modules import torch and DeepSpeed,
 and `llmstack.stages.common` or `llmstack.stages.data` alone should not pay for that.
@@ -22,9 +22,9 @@ STAGES: dict[str, Stage]  # bound by __getattr__ below on first access
 
 def _build() -> dict[str, Stage]:
     from llmstack import config
-    from llmstack.stages import dpo, ppo, pretrain, reward, sft
+    from llmstack.stages import dpo, grpo, ppo, pretrain, reward, sft
 
-    modules = {"pretrain": pretrain, "sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}
+    modules = {"pretrain": pretrain, "sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo}
     return {name: Stage(config.SCHEMAS[name], m.run, m.dry_run) for name, m in modules.items()}
 
 

@@ -29,7 +29,6 @@ generation. The math is in llmstack/rlhf/ (unit-tested); this file is the contro
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 
@@ -41,29 +40,19 @@ from llmstack.config import ModelConfig, PPOConfig
 from llmstack.distributed import deepspeed as ds
 from llmstack.distributed import env
 from llmstack.errors import UsageError
-from llmstack.generate import generate, left_pad
+from llmstack.generate import left_pad
 from llmstack.models.heads import PolicyLM, ScalarHeadModel, is_scalar_state
 from llmstack.rlhf import advantages as A
 from llmstack.rlhf import rollout
 from llmstack.rlhf.losses import policy_loss, value_loss
 from llmstack.rlhf.rollout import Rollout
 from llmstack.stages import common
+from llmstack.stages.policy import Sampler, max_gap, minibatches, reward_function
 from llmstack.train import run as train_run
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, StatWindow, StepOutput, Trainer
 
 dry_run = train_run.dry_run
 
-
-def reward_function(spec: str):
-    """The callable named by 'module:function'."""
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"reward.function={spec}: cannot import it ({e})") from None
-    if not callable(fn):
-        raise UsageError(f"reward.function={spec} is not callable")
-    return fn
 
 class Scorer:
     """Scores whole conversations: a frozen reward model, or a rule-based function on the text."""
@@ -88,40 +77,6 @@ class Scorer:
         seqs = [p + c + list(self.end_ids) for p, c in zip(prompts, contents)]
         ids, valid = left_pad(seqs, self.pad, env.device())
         return rollout.scores(self.model, ids, valid).float()
-
-def decoding_copy(arch, actor: torch.nn.Module, device) -> PolicyLM:
-    """The plain model that a ZeRO-3 actor's rollouts decode from (ds.copy_full_weights fills it
-    at each step): made once, on `device`, in the dtype the actor trains in, so a bf16 run keeps a
-    bf16 copy (half an fp32 one) that holds the very weights the training forward uses. Built on
-    the meta device and allocated in that dtype: no fp32 instance exists even briefly."""
-    dtype = next(actor.parameters()).dtype  # (a partitioned ZeRO-3 parameter keeps its dtype)
-    with torch.device("meta"):
-        model = PolicyLM(arch).to(dtype)
-    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # where each parameter is registered
-    for m in model.modules():
-        for n, p in m.named_parameters(recurse=False):
-            places.setdefault(id(p), []).append((m, n))
-    model.to_empty(device=device)
-    for (m0, n0), *others in places.values():  # to_empty gives every place its own tensor: tie them again
-        for m, n in others:
-            setattr(m, n, getattr(m0, n0))
-    return model.eval().requires_grad_(False)
-
-def max_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    """max |a - b| over the positions where mask is 1 (0.0 when there are none)."""
-    return float((a.float() - b.float()).abs().masked_fill(mask == 0, 0.0).max()) if a.numel() else 0.0
-
-def minibatches(order: torch.Tensor, mask: torch.Tensor, prompt_len: int, micro: int,
-                accum: int) -> list[list[tuple[torch.Tensor, int]]]:
-    """One epoch: mini-batches of micro x accum rows in `order`, each a list of its micro-batches
-    (row indices, columns to keep); a micro-batch's columns end with the longest response among
-    its rows (columns that are padding in every row are dropped)."""
-    out = []
-    for s in range(0, len(order), micro * accum):
-        rows = order[s:s + micro * accum].to(mask.device)
-        out.append([(mb, prompt_len + max(1, int(mask[mb].sum(-1).max()))) for mb in rows.split(micro)])
-    return out
-
 
 class PPOModels:
     """The four models of a PPO run and the tokenizer they share (see the module docstring)."""
@@ -167,10 +122,9 @@ class PPOModels:
             self.actor_arch, ref_ds, cfg.reference.zero.stage, cfg.seed, cls=PolicyLM, init=actor_init,
             tokenizer_hash=tok.hash, what="actor.init"), ref_ds)
         self.scorer = self.make_scorer(cfg, config(cfg.reward.zero, r.batch, 1, t.lr), seq_len)
-        # ZeRO-3 partitions the actor: rollouts decode from one gathered copy per step
-        self.zero3 = cfg.actor.zero.stage == 3
-        self.decoder = decoding_copy(self.actor_arch, self.actor.module, env.device()) if self.zero3 \
-            else self.actor.module
+        self.sampler = Sampler(self.actor, self.actor_arch, cfg.actor.zero.stage, seed=cfg.seed,
+                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, end_ids=self.end_ids,
+                               pad_id=self.pad)
 
     def make_scorer(self, cfg: PPOConfig, ds_config: dict, seq_len: int) -> Scorer:
         if cfg.reward.init is None:
@@ -207,7 +161,7 @@ class PPOStep:
         cfg, world, rank = self.cfg, env.world_size(), env.rank()
         idx = rank_indices(len(self.prompts), cfg.rollout.batch, world, rank, cfg.seed, step)
         t0 = time.perf_counter()
-        responses = self.generate(step, [self.prompts[i] for i in idx])
+        responses = self.m.sampler.sample(step, [self.prompts[i] for i in idx])
         t1 = time.perf_counter()
         order = torch.Generator().manual_seed(cfg.seed + step)
         ro, epochs, gap_decoder = self.score(step, [self.prompts[i] for i in idx], [self.texts[i] for i in idx],
@@ -236,15 +190,6 @@ class PPOStep:
         self.window.add(**record)
         return StepOutput(loss=torch.tensor(record["policy_loss"], dtype=torch.float64), tokens=tokens)
 
-    def generate(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
-        m, r = self.m, self.cfg.rollout
-        m.actor.module.eval()
-        if m.zero3:
-            ds.copy_full_weights(m.actor.module, m.decoder, 3)
-        gen = torch.Generator(device=env.device()).manual_seed(self.cfg.seed * 1_000_003 + step * 4099 + env.rank())
-        return generate(m.decoder, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                        stop_ids=m.end_ids, pad_id=m.pad, generator=gen)
-
     @torch.no_grad()
     def score(self, step: int, prompts, texts, responses, order_gen) -> tuple[Rollout, list, float]:
         """The scored Rollout, the epochs' mini-batches, and the decoder's log-prob gap (ZeRO-3)."""
@@ -266,9 +211,10 @@ class PPOStep:
             ref_lp[mb, :cols - P] = rollout.response_logprobs(m.reference, *rows, temperature=temp)[0]
             old_values[mb, :cols - P] = rollout.response_values(m.critic, *rows)
         gap_decoder = 0.0  # ZeRO 0-2: the decoder is the actor's module itself
-        if m.zero3:  # the decoding copy against the partitioned actor, on the first micro-batch
+        if m.sampler.zero3:  # the decoding copy against the partitioned actor, on the first micro-batch
             mb, cols = epochs[0][0][0]
-            dec_lp, _ = rollout.response_logprobs(m.decoder, ids[mb, :cols], valid[mb, :cols], P, temperature=temp)
+            dec_lp, _ = rollout.response_logprobs(m.sampler.decoder, ids[mb, :cols], valid[mb, :cols], P,
+                                                  temperature=temp)
             gap_decoder = max_gap(dec_lp, old_lp[mb, :cols - P], mask[mb, :cols - P])
         score = m.scorer(prompts, texts, contents)
         raw = score - p.missing_stop_penalty * (~stopped).float()  # the reward PPO maximises
