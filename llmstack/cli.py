@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="the tiny demo pipeline on CPU",
                         description="The whole pipeline on the builtin corpus (the Python standard library's "
                         "docstrings and comments): tokenizer -> pretrain a tiny GPT -> SFT -> reward model -> PPO "
-                        "and DPO -> eval, each stage with its demo config from configs/. Writes OUT/report.md "
+                        "and DPO -> GRPO (verifiable arithmetic rewards) -> eval, each stage with its demo config "
+                        "from configs/. Writes OUT/report.md "
                         "(a table of every stage's metrics, PNG curves in OUT/plots/) and OUT/report.json. "
                         "About 7 minutes on 2 CPU cores.")
     qs.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")

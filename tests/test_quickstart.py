@@ -15,7 +15,7 @@ from tests.conftest import BIN, child_env, run_cmd
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 
 
 def test_quickstart_runs_every_stage_and_reports(tmp_path):
@@ -37,10 +37,10 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path):
     sft = report["stages"]["sft"]
     assert sft["val_loss_after"] < sft["val_loss_before"]  # even a few steps teach the answer format
     assert report["stages"]["rm"]["steps"] >= 2 and report["stages"]["dpo"]["steps"] >= 2
-    assert report["stages"]["ppo"]["steps"] >= 2
-    for name in ("sft", "rm", "ppo", "dpo"):
+    assert report["stages"]["ppo"]["steps"] >= 2 and report["stages"]["grpo"]["steps"] >= 2
+    for name in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (out / name / "metrics.jsonl").stat().st_size > 0, name
-    for name in ("pretrain", "sft", "dpo"):
+    for name in ("pretrain", "sft", "dpo", "grpo"):
         assert (out / name / "checkpoints" / "latest").exists(), name
     assert (out / "ppo" / "checkpoints" / "actor" / "latest").exists()
 

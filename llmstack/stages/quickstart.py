@@ -1,12 +1,13 @@
 """`llmstack quickstart`: the whole pipeline, tiny, on the builtin corpus, on CPU.
 
-tokenizer -> pretrain -> SFT -> reward model -> PPO and DPO -> eval, each stage the same code and
-demo config (configs/<stage>/) a user runs by hand, chained through checkpoints:
+tokenizer -> pretrain -> SFT -> reward model -> PPO and DPO -> GRPO -> eval, each stage the same
+code and demo config (configs/<stage>/) a user runs by hand, chained through checkpoints:
 
     pretrain (gpt2-tiny on the stdlib's docstrings and comments)
       -> sft  (answer "What does `json.dumps` do?" with the docstring's first paragraph)
            -> rm   (score the true summary above a wrong one)  -> ppo (actor = sft, reward = rm)
            -> dpo  (the same preference pairs, no reward model)
+           -> grpo (answer "What is 3 + 4?": a verifier checks the number, no critic, no reward model)
     eval: held-out perplexity and the demo multiple-choice task for the pretrained, SFT, PPO and
           DPO models (through `llmstack-eval`, which sits above the library).
 
@@ -113,7 +114,7 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
         report["stages"][name] = result
         return result
 
-    banner("1/6 tokenizer + pretraining")
+    banner("1/7 tokenizer + pretraining")
     cfg = quickstart_config(out_dir, steps)
     pre = timed("pretrain", pretrain.run, cfg)
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
@@ -142,17 +143,18 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
         ("rm", "reward model", "demo.yaml", ["model.init={sft}"]),
         ("ppo", "PPO against the reward model", "demo.yaml", ["actor.init={sft}", "reward.init={rm}"]),
         ("dpo", "DPO", "demo.yaml", ["model.init={sft}"]),
+        ("grpo", "GRPO on arithmetic, rewarded by a verifier", "demo.yaml", ["actor.init={sft}"]),
     )
     for i, (name, title, file, overrides) in enumerate(later, start=2):
-        banner(f"{i}/6 {title}")
+        banner(f"{i}/7 {title}")
         stage = stage_table()[name]
         cfgs[name] = demo_config(stage.schema, name, file, [f"run.dir={out_dir / name}", "train.resume=none",
                                                             *(o.format(**ckpts) for o in overrides)], scale)
         results[name] = timed(name, stage.run, cfgs[name])
         ckpts[name] = str(out_dir / name / "checkpoints" / ("actor" if name == "ppo" else "") / "latest")
-    sft, rm, ppo, dpo = (results[k] for k in ("sft", "rm", "ppo", "dpo"))
+    sft, rm, ppo, dpo, grpo = (results[k] for k in ("sft", "rm", "ppo", "dpo", "grpo"))
 
-    banner("6/6 evaluation")
+    banner("7/7 evaluation")
     evals = {}
     t0 = time.perf_counter()
     for name in ("pretrain", "sft", "ppo", "dpo"):
@@ -181,6 +183,9 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
             "held-out accuracy before -> after": f"{dpo['val_accuracy_before']:.3f} -> {dpo['val_accuracy']:.3f}",
             "held-out implicit reward margin before -> after": f"{dpo['val_margin_before']:.4f} -> {dpo['val_margin']:.4f}",
             "seconds": seconds["dpo"]}},
+        {"name": "grpo", "run_dir": cfgs["grpo"].run.path, "metrics": {
+            "mean verifiable reward first -> last steps": f"{grpo['reward_first']:.3f} -> {grpo['reward_last']:.3f}",
+            "max sampler vs trainer log-prob gap": f"{grpo['logp_gap_max']:.2e}", "seconds": seconds["grpo"]}},
         {"name": "eval", "run_dir": None, "metrics": {
             **{f"{name}: held-out token perplexity": task_metric(r, ppl_task, "perplexity") for name, r in evals.items()},
             **{f"{name}: demo_mc acc / acc_norm": f"{task_metric(r, 'demo_mc', 'acc'):.3f} / "
