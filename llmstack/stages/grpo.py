@@ -30,7 +30,6 @@ import time
 
 import torch
 
-from data_pipeline.formats import chat_tokens
 from data_pipeline.pairs import load_tasks, rank_indices
 from llmstack.config import GRPOConfig
 from llmstack.distributed import deepspeed as ds
@@ -41,7 +40,7 @@ from llmstack.rlhf import group as G
 from llmstack.rlhf import rollout
 from llmstack.rlhf.advantages import masked_mean
 from llmstack.stages import common
-from llmstack.stages.policy import Sampler, minibatches, reward_function
+from llmstack.stages.policy import Sampler, chat_stops, minibatches, reward_function
 from llmstack.train import run as train_run
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, StatWindow, StepOutput, Trainer
 
@@ -53,17 +52,10 @@ class GRPOModels:
 
     def __init__(self, cfg: GRPOConfig, run):
         t, r = cfg.train, cfg.rollout
-        init = common.read_init(cfg.actor.init) if run.saved is None else None
-        recorded = (run.resume_from, run.saved, None) if run.saved is not None else init
-        self.tokenizer = tok = common.finetune_tokenizer(cfg.tokenizer, recorded)
-        try:
-            chat = chat_tokens(tok)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        end_ids, pad = (chat["end"], chat["eos"]), tok.pad_id or 0
-        self.arch = common.finetune_arch(cfg.actor, recorded, tok.vocab_size, cfg.data.max_prompt_len + r.max_new_tokens,
-                                         t.activation_checkpointing)
-        run.check_resume(tok.hash)
+        tok, self.arch, init = common.finetune_start(run, cfg, seq_len=cfg.data.max_prompt_len + r.max_new_tokens,
+                                                     model_cfg=cfg.actor)
+        self.tokenizer = tok
+        end_ids, pad = chat_stops(tok)
         self.lr = cfg.actor.lr or t.lr
         actor_ds = run.engine_config(train_run.ds_config_for(cfg, run.world, cfg.actor.zero, micro_batch=t.micro_batch,
                                                              lr=self.lr)[0])

@@ -21,6 +21,17 @@ from llmstack.generate import generate
 from llmstack.models.heads import PolicyLM
 
 
+def chat_stops(tokenizer) -> tuple[tuple[int, int], int]:
+    """((<|end|>, EOS) ids that end a response, pad id) of a chat tokenizer; exit 2 without them."""
+    from data_pipeline.formats import chat_tokens
+
+    try:
+        chat = chat_tokens(tokenizer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return (chat["end"], chat["eos"]), tokenizer.pad_id or 0
+
+
 class Sampler:
     """Rollouts of the actor engine: `sample(step, prompts)` -> responses (and the sampler's own
     log-probs of each token with `with_logprobs`)."""

@@ -34,7 +34,6 @@ import time
 
 import torch
 
-from data_pipeline.formats import chat_tokens
 from data_pipeline.pairs import load_prompts, rank_indices
 from llmstack.config import ModelConfig, PPOConfig
 from llmstack.distributed import deepspeed as ds
@@ -47,7 +46,7 @@ from llmstack.rlhf import rollout
 from llmstack.rlhf.losses import policy_loss, value_loss
 from llmstack.rlhf.rollout import Rollout
 from llmstack.stages import common
-from llmstack.stages.policy import Sampler, max_gap, minibatches, reward_function
+from llmstack.stages.policy import Sampler, chat_stops, max_gap, minibatches, reward_function
 from llmstack.train import run as train_run
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, StatWindow, StepOutput, Trainer
 
@@ -86,17 +85,10 @@ class PPOModels:
         if cfg.reward.init is None and cfg.reward.function is None:
             raise UsageError("no reward: set reward.init (a reward model from `llmstack rm`) or "
                              "reward.function=module:function")
-        actor_init = common.read_init(cfg.actor.init) if run.saved is None else None
-        recorded = (run.resume_from, run.saved, None) if run.saved is not None else actor_init
-        self.tokenizer = tok = common.finetune_tokenizer(cfg.tokenizer, recorded)
-        try:
-            chat = chat_tokens(tok)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        self.end_ids, self.pad = (chat["end"], chat["eos"]), tok.pad_id or 0
         seq_len, ckpting = cfg.data.max_prompt_len + r.max_new_tokens, t.activation_checkpointing
-        self.actor_arch = common.finetune_arch(cfg.actor, recorded, tok.vocab_size, seq_len, ckpting)
-        run.check_resume(tok.hash)
+        tok, self.actor_arch, actor_init = common.finetune_start(run, cfg, seq_len=seq_len, model_cfg=cfg.actor)
+        self.tokenizer = tok
+        self.end_ids, self.pad = chat_stops(tok)
         actor_init = actor_init or common.read_init(cfg.actor.init)  # the reference's weights, resumed or not
         critic_init = common.read_init(cfg.critic.init) if cfg.critic.init else actor_init
         self.critic_arch = common.finetune_arch(cfg.critic, critic_init, tok.vocab_size, seq_len, ckpting)
