@@ -8,14 +8,14 @@ the fields they need (DESIGN.md principle 2).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmstack.errors import ConfigError
+# the loading API, re-exported: llmstack.config is what stages and tests import it from
+from llmstack.config_loading import format_errors, load_config, parse_override, read_yaml, set_dotted  # noqa: F401,E501
 from llmstack.models import FAMILIES, all_presets, family_of_preset
 
 
@@ -256,19 +256,25 @@ class DistConfig(Strict):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
-class PretrainConfig(Strict):
-    """`llmstack pretrain`: tokenizer -> model -> engine -> data -> loop."""
+class StageConfig(Strict):
+    """What every training command's config has: run directory, seed, precision, tokenizer,
+    process group, and a raw DeepSpeed config merged on top of the generated one(s)."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 1234
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
+
+
+class PretrainConfig(StageConfig):
+    """`llmstack pretrain`: tokenizer -> model -> engine -> data -> loop."""
+
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
 
 
 class TokenizerTrainConfig(Strict):
@@ -310,21 +316,15 @@ class LoraConfig(Strict):
                               "q k v o up gate down (q/k/v select the fused qkv projection)")
 
 
-class FinetuneConfig(Strict):
+class FinetuneConfig(StageConfig):
     """What every stage that trains one GPT from `model.init` shares (SFT, reward model, DPO);
     each adds its data schema and its own options section."""
 
     stage_label: ClassVar[str] = "fine-tuning"  # how the model-family error names the stage
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     train: LoopTrainConfig = Field(default_factory=LoopTrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top")
 
     @model_validator(mode="after")
     def _gpt_only(self):
@@ -464,7 +464,7 @@ class PPOOptions(Strict):
                                         "reached rollout.max_new_tokens without a stop token")
 
 
-class PPOConfig(Strict):
+class PPOConfig(StageConfig):
     """`llmstack ppo`: actor and critic trained, reference and reward frozen, each its own engine.
 
     `train` is the base TrainConfig: PPO has its own control flow (rollout, score, several epochs
@@ -474,8 +474,6 @@ class PPOConfig(Strict):
     """
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="ppo"))
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     actor: PPOModelConfig = Field(default_factory=PPOModelConfig)
     critic: PPOModelConfig = Field(default_factory=PPOModelConfig,
                                    description="init default: the actor's init (with a fresh value head)")
@@ -487,9 +485,6 @@ class PPOConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig,
                                description="max_steps = PPO steps (rollout batches); micro_batch = the PPO "
                                "micro-batch, grad_accum of them make one optimizer step (a mini-batch)")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
 
     @model_validator(mode="after")
     def _gpt_only(self):
@@ -560,14 +555,12 @@ class GroupOptions(Strict):
     overlong_penalty: float = Field(1.0, ge=0)
 
 
-class GRPOConfig(Strict):
+class GRPOConfig(StageConfig):
     """`llmstack grpo`: critic-free, group-relative policy optimisation on verifiable rewards: n
     completions per prompt, group-normalised advantages, no critic, no reward model. `train` as in
     PPO: micro_batch completions per micro-batch, grad_accum of them per optimizer step."""
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="grpo"))
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     actor: PPOModelConfig = Field(default_factory=PPOModelConfig)
     reference: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
     reward: VerifierConfig = Field(default_factory=VerifierConfig)
@@ -575,9 +568,6 @@ class GRPOConfig(Strict):
     rollout: GroupRolloutConfig = Field(default_factory=GroupRolloutConfig)
     grpo: GroupOptions = Field(default_factory=GroupOptions)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw ds_config merged on top of each engine's")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -594,101 +584,11 @@ SCHEMAS.update({"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPO
 SCHEMAS["sft"] = SFTConfig
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading: YAML + dotted overrides -> validated object
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so lists and numbers work)."""
-    if "=" not in arg:
-        raise ConfigError(f"override {arg!r} is not of the form key.sub=value")
-    key, raw = arg.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {arg!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-    return parts, value
-
-
-def set_dotted(data: dict, parts: list[str], value: Any) -> None:
-    node = data
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def load_config(schema: type[Strict], path: str | None, overrides: list[str] = ()) -> Strict:
-    """Resolve defaults < YAML < overrides and validate. Raises ConfigError with a clear message."""
-    data = read_yaml(path) if path else {}
-    for arg in overrides:
-        set_dotted(data, *parse_override(arg))
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}:\n" + format_errors(schema, e)) from None
-
-
-def _field_model(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the last element of `loc` (for listing allowed keys)."""
-    model = schema
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        # unwrap Optional[...] / list[...] to find a nested model
-        cands = [ann, *getattr(ann, "__args__", ())]
-        for a in list(cands):
-            cands.extend(getattr(a, "__args__", ()))
-        model = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def format_errors(schema: type[BaseModel], err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        key = ".".join(str(x) for x in loc)
-        if not key:  # a check across sections: its message names the keys
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
-        elif e["type"] == "extra_forbidden":
-            owner = _field_model(schema, loc)
-            allowed = ", ".join(owner.model_fields) if owner else "?"
-            lines.append(f"  {key}: unknown key (allowed here: {allowed})")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {msg}{shown}")
-    return "\n".join(lines)
-
-
 def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, its sections in schema order; the sections every stage shares (see
+    StageConfig) after the stage's own, as the demo configs write them."""
+    data = cfg.model_dump(mode="json")
+    for key in ("tokenizer", "dist", "deepspeed"):
+        if isinstance(cfg, StageConfig):
+            data[key] = data.pop(key)
+    return yaml.safe_dump(data, sort_keys=False)
