@@ -52,8 +52,9 @@ def dry_run(cfg: PretrainConfig) -> None:
 
 
 def run(cfg: PretrainConfig) -> dict:
-    run, t = train_run.start(cfg), cfg.train
-    tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
+    run, t = train_run.start(cfg, open_run=False), cfg.train
+    tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)  # no run directory if this fails
+    run.open()
     arch = common.model_config(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing,
                                pad_id=tokenizer.pad_id)
     run.check_resume(tokenizer.hash, cfg.model.family, arch)

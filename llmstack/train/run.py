@@ -1,7 +1,8 @@
 """Starting a training run, the same for every stage: process group, batch arithmetic, run
 directory and its lock, and the checkpoint to resume from with every check a resume needs.
 
-`start(cfg)` is the first call of every stage recipe. Resuming is checked in one place:
+`start(cfg)` is the first call of every stage recipe (pretraining opens the run directory only
+once its tokenizer exists: `Run.open`). Resuming is checked in one place:
 - world size: ZeRO partitions load only on the number of processes that wrote them, unless the
   checkpoint is universal (`llmstack checkpoint reshape`), which then sets DeepSpeed's
   `checkpoint.load_universal` in every engine's config (`Run.engine_config`);
@@ -89,6 +90,21 @@ class Run:
                               tokenizer_path=str(tokenizer.path), model_family=family, model=dict(vars(arch)),
                               config=self.cfg.model_dump(mode="json"), **extra)
 
+    def open(self) -> Run:
+        """Lock the run directory (created now) and pick the checkpoint to resume from
+        (train.resume: auto = the newest that verifies), checking that this world size can load
+        it; a universal checkpoint sets `load_universal` in ds_config."""
+        resume_from = ckpt.start_run(self.cfg.train.resume, self.ckpt_root, self.dir)
+        saved = ckpt.read_meta(resume_from) if resume_from is not None else None
+        if saved is not None and saved.partitioned and saved.world_size != self.world:
+            raise UsageError(f"{resume_from} holds ZeRO-{saved.zero_stage} partitions of {saved.world_size} processes; "
+                             f"this run has {self.world}. Resume with the same number of processes, or convert it "
+                             f"first: llmstack checkpoint reshape {resume_from}")
+        self.resume_from, self.saved = resume_from, saved
+        if self.ds_config is not None:
+            self.ds_config = self.engine_config(self.ds_config)
+        return self
+
     def record(self, tokenizer_hash: str, **extra) -> None:
         """Rank 0 records the resolved config, code revision and tokenizer hash in the run directory."""
         if not env.is_main():
@@ -100,27 +116,18 @@ class Run:
         (self.dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
 
 
-def start(cfg, *, ckpt_root: Path | None = None) -> Run:
-    """Every rank, first thing: init the process group, check the precision is available, resolve
-    the batch arithmetic (stages with one trained engine: cfg.zero), lock the run directory, pick
-    the checkpoint to resume from (train.resume: auto = the newest that verifies) and check that
-    this world size can load it."""
+def start(cfg, *, ckpt_root: Path | None = None, open_run: bool = True) -> Run:
+    """Every rank, first thing: init the process group, check the precision is available and
+    resolve the batch arithmetic (stages with one trained engine: cfg.zero); then, unless
+    `open_run=False` (the stage calls `Run.open` itself, later), open the run directory."""
     env.init(cfg.dist.backend, cfg.dist.timeout_s)
     ds.check_precision(cfg.precision)  # before any tokenizer, data or model is built
     world, t = env.world_size(), cfg.train
     ds_config, accum, global_batch = ds_config_for(cfg, world) if hasattr(cfg, "zero") else (None, t.grad_accum, 0)
-    run_dir = cfg.run.path
-    root = ckpt_root or run_dir / "checkpoints"
-    resume_from = ckpt.start_run(t.resume, root, run_dir)
-    saved = ckpt.read_meta(resume_from) if resume_from is not None else None
-    if saved is not None and saved.partitioned and saved.world_size != world:
-        raise UsageError(f"{resume_from} holds ZeRO-{saved.zero_stage} partitions of {saved.world_size} processes; "
-                         f"this run has {world}. Resume with the same number of processes, or convert it first: "
-                         f"llmstack checkpoint reshape {resume_from}")
-    run = Run(cfg=cfg, world=world, rank=env.rank(), dir=run_dir, ckpt_root=root, resume_from=resume_from,
-              saved=saved, ds_config=None, accum=accum, global_batch=global_batch)
-    run.ds_config = run.engine_config(ds_config) if ds_config is not None else None
-    return run
+    run = Run(cfg=cfg, world=world, rank=env.rank(), dir=cfg.run.path,
+              ckpt_root=ckpt_root or cfg.run.path / "checkpoints", resume_from=None, saved=None,
+              ds_config=ds_config, accum=accum, global_batch=global_batch)
+    return run.open() if open_run else run
 
 
 def check_tokenizer(saved: str | None, current: str, where) -> None:
