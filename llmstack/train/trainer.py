@@ -33,7 +33,7 @@ import torch
 
 from llmstack.distributed import deepspeed as ds
 from llmstack.distributed import env
-from llmstack.errors import Diverged
+from llmstack.errors import Diverged, UsageError
 from llmstack.train import checkpoint as ckpt
 from llmstack.train.guard import RunGuard
 from llmstack.train.meta import CheckpointMeta
@@ -115,8 +115,6 @@ class Checkpointer:
         for part in self.parts[:-1]:
             other = part.root / Path(path).name
             if not (other / ckpt.META).is_file():
-                from llmstack.errors import UsageError
-
                 raise UsageError(f"cannot resume from {path}: its {part.root.name} checkpoint {other} is missing")
             ckpt.load(part.engine, other, restore_rng=False)
         env.print0(f"resumed from {path} at step {meta.step}")
