@@ -229,21 +229,22 @@ def test_zero3_offload_bf16_activation_checkpointing_trains(runs, tmp_path):
 
 
 def test_eval_cli_perplexity_scores_every_token(runs, tmp_path):
-    """llmstack-eval ppl: every token after the first is scored once; checkpoint and consolidated agree."""
+    """llmstack-eval ppl: every token of every document is scored once (each after its own prefix token);
+    checkpoint and consolidated agree."""
     from data_pipeline.sources import builtin_texts
     from data_pipeline.tokenizer import load_tokenizer
 
     texts = [t for _, t in zip(range(3), builtin_texts("validation"))]
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    n_tokens = sum(len(load_tokenizer(runs.tok).encode(t)) + 1 for t in texts)  # + EOS per document
+    n_tokens = sum(len(load_tokenizer(runs.tok).encode(t)) for t in texts)
     results = []
     for model in (runs.straight_1p(), consolidated_dir(runs.straight_1p(), tmp_path / "c")):
         out = tmp_path / f"r{len(results)}.json"
         run_cmd([str(BIN / "llmstack-eval"), "--model", str(model), "--tasks", f"ppl:{data}", "--output", str(out)],
                 cwd=tmp_path)
         results.append(json.loads(out.read_text())["tasks"][f"ppl:{data}"])
-    assert results[0]["tokens_scored"] == n_tokens - 1
+    assert results[0]["tokens_scored"] == n_tokens and results[0]["mode"] == "document"
     assert results[0]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-6)
     bad = run_cmd([str(BIN / "llmstack-eval"), "--model", str(runs.straight_1p()), "--tasks", "ppl:missing.jsonl"],
                   cwd=tmp_path, check=False)

@@ -86,7 +86,7 @@ def _docs(tmp_path, texts):
 
 
 def test_perplexity_equals_transformers(eval_model, tmp_path):
-    """ppl: on the exported model equals transformers' loss over the same tokens: one window when
+    """ppl: in stream mode on the exported model equals transformers' loss over the same tokens: one window when
     the text fits, and overlapping rolling windows (context 24, stride 7) over a longer text."""
     import transformers as tf
 
@@ -98,7 +98,8 @@ def test_perplexity_equals_transformers(eval_model, tmp_path):
     short = ["Return the sum.", "Open a file."]
     stream = [t for s in short for t in tok.encode(s) + [tok.eos_id]]
     assert len(stream) <= 64
-    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, short)}"], context=64, dtype="fp32", progress=False)
+    res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, short)}"], context=64, dtype="fp32", progress=False,
+                   ppl_mode="stream")
     got = next(iter(res["tasks"].values()))
     with torch.no_grad():
         ids = torch.tensor([stream])
@@ -114,7 +115,7 @@ def test_perplexity_equals_transformers(eval_model, tmp_path):
     long_doc = next(t for t in builtin_texts("validation") if len(tok.encode(t)) > 300)[:500]  # ~130 tokens
     ids = tok.encode(long_doc) + [tok.eos_id]
     res = evaluate(str(eval_model["hf"]), [f"ppl:{_docs(tmp_path, [long_doc])}"], context=24, stride=7, dtype="fp32",
-                   progress=False)
+                   progress=False, ppl_mode="stream")
     got = next(iter(res["tasks"].values()))
     nll, n = 0.0, 0
     with torch.no_grad():
