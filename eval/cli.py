@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmstack.cli import VERSION, entry_point
 from llmstack.errors import UsageError
 
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmstack-eval", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=VERSION)
     p.add_argument("--config", help="YAML file of these options (keys as the option names, e.g. num_fewshot); "
                                     "options on the command line override it")
     p.add_argument("--model", help="checkpoint (step_N, checkpoints/latest, run dir), consolidated, "
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", "--seq-len", dest="context", type=int,
                    help="ppl: window length (default: the training sequence length, else the model's context)")
     p.add_argument("--stride", type=int, help="ppl: window advance (default: the window length)")
+    p.add_argument("--ppl-mode", choices=["document", "stream"], default="document",
+                   help="ppl: document (default) scores each document alone after BOS (EOS without one), as "
+                        "lm-evaluation-harness's loglikelihood_rolling (wikitext); stream scores the documents "
+                        "concatenated, each after the previous ones, as in packed training (--bos applies here only)")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one recorded with the model)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where the model runs: auto (default) = the GPU when CUDA is available (each rank of a "
@@ -54,11 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="weights and activations: auto (default) = bf16 on a GPU, fp32 on CPU; fp16 needs a GPU. "
                         "Log-softmax is in fp32 whatever the dtype; the results record device and dtype")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts with the model's chat template (its tokenizer's), few-shot examples and "
+                        "system text as messages, as lm-evaluation-harness's --apply_chat_template")
+    p.add_argument("--fewshot-as-multiturn", nargs="?", const=True, default=None, type=_flag, metavar="BOOL",
+                   help="with --apply-chat-template: each few-shot example its own user/assistant turns (default "
+                        "on with a chat template, as the harness; 'false': all in one user message)")
+    p.add_argument("--system-instruction", metavar="TEXT",
+                   help="text before the task's description: the system message under a chat template, else the "
+                        "start of the prompt (as the harness's --system_instruction)")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--log-samples", action="store_true", help="per-sample contexts, log-likelihoods, generations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
+
+
+def _flag(value) -> bool:
+    """true/false (also yes/no, 1/0) of an option that takes an optional boolean."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in ("true", "yes", "1", "on"):
+        return True
+    if low in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _config_flag(name: str, value):
+    """An optional boolean option's value, which --config may give as text."""
+    try:
+        return value if value is None else _flag(value)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 def _with_config(parser: argparse.ArgumentParser, args, argv: list[str]):
@@ -89,6 +124,11 @@ def _with_config(parser: argparse.ArgumentParser, args, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # stdout for the results only (DeepSpeed's output to stderr), a closed pipe ends it quietly
+    return entry_point(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     entry = argv is None  # the process's own command, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "harness":
@@ -115,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(args.model, args.tasks.split(","), num_fewshot=args.num_fewshot,
                            fewshot_seed=args.fewshot_seed, batch_size=args.batch_size, bos=args.bos, limit=args.limit,
                            log_samples=args.log_samples, truncate=args.truncate, context=args.context,
-                           stride=args.stride, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                           progress=not args.no_progress)
+                           stride=args.stride, ppl_mode=args.ppl_mode, tokenizer=args.tokenizer, dtype=args.dtype,
+                           device=args.device, progress=not args.no_progress,
+                           apply_chat_template=bool(args.apply_chat_template),
+                           fewshot_as_multiturn=_config_flag("fewshot_as_multiturn", args.fewshot_as_multiturn),
+                           system_instruction=args.system_instruction)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

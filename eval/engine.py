@@ -273,37 +273,62 @@ class Scorer:
         return sorted(ids)
 
     def generate_until(self, prompts: list[list[int]], until: list[list[str]], max_new: list[int],
-                       where: list[str], desc: str = "") -> list[str]:
-        """Greedy continuation text of each prompt, cut at its first stop string."""
+                       where: list[str], desc: str = "", with_limit: bool = False):
+        """Greedy continuation text of each prompt, up to EOS, decoded without special tokens and cut
+        at its first stop string, as the harness's HF backend (a chat model's end-of-turn token ends
+        no answer text).
+
+        A prompt gets at most min(max_new, context - its length) new tokens whatever batch it is
+        in: rows share a batch only with rows of the same stop strings and when the batch's longest
+        prompt leaves room for every row's tokens. with_limit: returns (texts, hit), hit[i] true
+        when prompt i used all its tokens without reaching EOS or a stop string (the answer may be
+        cut short)."""
         from llmstack.generate import generate
 
         for p, w in zip(prompts, where):
             if len(p) >= self.max_len:
                 raise UsageError(f"{w}: the prompt is {len(p)} tokens, the model's context is {self.max_len}")
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i]))
+        budget = [min(n, self.max_len - len(p)) for n, p in zip(max_new, prompts)]
+        order = sorted(range(len(prompts)), key=lambda i: (until[i], -len(prompts[i]), prompts[i]))
         mine = order[self.rank::self.world]
+        batches, cur = [], []
+        for i in mine:
+            grown = cur + [i]
+            if cur and (len(cur) == self.batch_size or until[i] != until[cur[0]] or
+                        max(len(prompts[j]) for j in grown) + max(budget[j] for j in grown) > self.max_len):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        eos = self.tokenizer.eos_id
         results = {}
+        stop_sets = {}
         bar = self._bar(len(mine), desc)
         t0 = time.perf_counter()
-        for s in range(0, len(mine), self.batch_size):
-            b = mine[s:s + self.batch_size]
-            stops = sorted({x for i in b for x in until[i]})
-            n_new = min(max(max_new[i] for i in b), self.max_len - max(len(prompts[i]) for i in b))
-            outs = generate(self.model, [prompts[i] for i in b], max_new_tokens=n_new, temperature=0.0,
-                            stop_ids=self.stop_ids(stops), pad_id=self.tokenizer.pad_id or 0)
+        for b in batches:
+            key = tuple(until[b[0]])
+            if key not in stop_sets:
+                stop_sets[key] = set(self.stop_ids(until[b[0]]))
+            outs = generate(self.model, [prompts[i] for i in b], max_new_tokens=max(budget[i] for i in b),
+                            temperature=0.0, stop_ids=stop_sets[key], pad_id=self.tokenizer.pad_id or 0)
             for i, o in zip(b, outs):
-                text = self.tokenizer.decode(o[:max_new[i]])
-                if self.tokenizer.eos_id in o:  # the end of the text ends the answer
-                    text = text.split(self.tokenizer.decode([self.tokenizer.eos_id]))[0]
-                for stop in until[i]:
-                    if stop:
-                        text = text.split(stop)[0]
-                results[i] = text
                 self.tokens_scored += len(o)
+                o = o[:budget[i]]
+                # decoding stopped at a token that is EOS or holds a stop string, or ran out of tokens
+                ended = bool(o) and o[-1] in stop_sets[key]
+                if eos is not None and eos in o:  # the end of the text ends the answer
+                    o = o[:o.index(eos)]
+                text = self.tokenizer.backend.decode(o, skip_special_tokens=True)
+                for stop in until[i]:
+                    if stop and stop in text:
+                        text, ended = text.split(stop)[0], True
+                results[i] = (text, not ended and len(o) == budget[i])
             if bar is not None:
                 bar.update(len(b))
         self.seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
         results = self._merge_ranks(results)
-        return [results[i] for i in range(len(prompts))]
+        texts = [results[i][0] for i in range(len(prompts))]
+        return (texts, [results[i][1] for i in range(len(prompts))]) if with_limit else texts

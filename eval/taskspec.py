@@ -25,6 +25,13 @@ Few-shot examples are drawn per document, in document order, by one `random.Rand
 the pool is the evaluated split the document itself is never its own example (the harness excludes
 it only when `fewshot_split` names that split; without `fewshot_split` it may show a document its
 own answer, so give `fewshot_split` where results should match it).
+With a chat template (`--apply-chat-template`), the same pieces become messages, as the harness's
+`fewshot_context` builds them: a system turn (`--system-instruction`, then the description, joined
+by the few-shot delimiter), each few-shot example a user turn (its text) and an assistant turn (its
+answer), then the document's text as the last user turn, rendered by the tokenizer's template with
+the generation prompt; without `--fewshot-as-multiturn` the examples and the document are one user
+message in plain text. A scored continuation then follows the assistant header directly (no target
+delimiter).
 Relative data_files are looked up beside the YAML file first, then in the working directory.
 Unknown keys, missing fields and empty datasets are errors naming the task and the field.
 """
@@ -37,6 +44,7 @@ import io
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,24 +307,128 @@ def resolve(template, doc: dict, field: str, has_choices: bool):
     return out
 
 
-class Prepared:
-    """A task's documents turned into prompts: per document the context(s), choices and gold."""
+@dataclass
+class Turn:
+    """One message of a prompt (lm-evaluation-harness's `Message`): role, content, and `after`, the
+    text that follows it in a plain-text prompt (the target delimiter after a few-shot question, the
+    few-shot delimiter after its answer). A chat template sees role and content only."""
 
-    def __init__(self, spec: TaskSpec, docs: list[dict], contexts: list[Any], choices: list[list[str] | None],
-                 golds: list[Any], multiple_input: list[bool], targets: list[str | None]):
-        self.spec, self.docs, self.contexts, self.choices = spec, docs, contexts, choices
+    role: str  # system | user | assistant
+    content: str
+    after: str = ""
+
+
+def plain_text(turns: list[Turn]) -> str:
+    """The prompt without a chat template: every turn's content followed by its `after` text."""
+    return "".join(t.content + t.after for t in turns)
+
+
+def chat_messages(turns: list[Turn], multiturn: bool) -> list[dict]:
+    """The messages a chat template renders, as the harness builds them: with `multiturn`, every
+    few-shot question and answer its own user / assistant turn; otherwise (the harness's
+    `multiturn_to_singleturn`) the system turn alone and everything else one user message, its
+    plain text."""
+    if multiturn:
+        return [{"role": t.role, "content": t.content} for t in turns]
+    system, rest = (turns[0], turns[1:]) if turns and turns[0].role == "system" else (None, turns)
+    user = {"role": "user", "content": plain_text(rest[:-1]) + rest[-1].content}
+    return ([{"role": "system", "content": system.content}] if system else []) + [user]
+
+
+def join_delimited(prefix: str | None, suffix: str | None, delimiter: str) -> str:
+    """prefix + delimiter + suffix, without the delimiter when either is empty or there is
+    whitespace at the join (the harness's `maybe_delimit`, which joins the system instruction and
+    the task description)."""
+    if not prefix:
+        return suffix or ""
+    if not suffix:
+        return prefix
+    return prefix + suffix if prefix[-1].isspace() or suffix[0].isspace() else prefix + delimiter + suffix
+
+
+class Prepared:
+    """A task's documents turned into prompts: per document the context(s), choices and gold.
+
+    Each document's prompt is kept as turns (`turns`: the system text and the few-shot examples;
+    `queries`: the document's own text, or one text per choice for multiple inputs), so that
+    `apply_chat` can render it with a model's chat template once the tokenizer is known;
+    `contexts` is the rendered prompt, plain text until then."""
+
+    def __init__(self, spec: TaskSpec, docs: list[dict], turns: list[list[Turn]], queries: list[Any],
+                 choices: list[list[str] | None], golds: list[Any], multiple_input: list[bool],
+                 targets: list[str | None]):
+        self.spec, self.docs, self.turns, self.queries, self.choices = spec, docs, turns, queries, choices
         self.golds, self.multiple_input = golds, multiple_input
         self.targets = targets  # multiple inputs: the continuation shared by every choice's context
+        # what goes between a context and a scored continuation: the spec's target delimiter in a
+        # plain prompt; nothing after a chat template's assistant header (as the harness)
+        self.target_delimiter = spec.target_delimiter
+        self.chat: dict | None = None  # how apply_chat rendered the prompts
+        self.contexts = [self._render(i, plain_text) for i in range(len(docs))]
+
+    def _render(self, i: int, render) -> Any:
+        q = self.queries[i]
+        if q is None:  # loglikelihood_rolling: no context
+            return ""
+        if isinstance(q, list):
+            return [render([*self.turns[i], Turn("user", c)]) for c in q]
+        return render([*self.turns[i], Turn("user", q)])
+
+    def apply_chat(self, template, multiturn: bool) -> None:
+        """Render every prompt with `template` (messages -> text, the generation prompt added),
+        the few-shot examples as separate turns with `multiturn`, else in one user message."""
+        self.contexts = [self._render(i, lambda turns: template(chat_messages(turns, multiturn)))
+                         for i in range(len(self.docs))]
+        self.target_delimiter = ""
+        self.chat = {"fewshot_as_multiturn": multiturn}
+
+
+def chat_renderer(tokenizer_dir: str, model: str):
+    """(render, template): render(messages) is the text of the tokenizer's chat template with the
+    generation prompt added, through transformers' `apply_chat_template` as the harness's HF backend
+    does (a template that refuses the system role gets the messages without it, as there). The
+    template is the Hugging Face one saved with the tokenizer (llmstack's tokenizers carry theirs,
+    data_pipeline/formats.py). A tokenizer without one is a UsageError naming the model."""
+    import transformers
+    from jinja2 import TemplateError
+
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # files transformers cannot read: one message, whatever the cause
+        raise UsageError(f"--apply-chat-template: transformers cannot load the tokenizer of {model} "
+                         f"({tokenizer_dir}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    template = hf.chat_template
+    if isinstance(template, dict):  # several named templates: the harness takes "default"
+        template = template.get("default")
+    if not template:
+        raise UsageError(f"--apply-chat-template: the tokenizer of {model} ({tokenizer_dir}) has no chat template")
+
+    def render(messages: list[dict]) -> str:
+        try:
+            try:
+                return hf.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                              add_generation_prompt=True)
+            except TemplateError:
+                messages = [m for m in messages if m["role"] != "system"]
+                return hf.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                              add_generation_prompt=True)
+        except TemplateError as e:
+            raise UsageError(f"--apply-chat-template: the chat template of {model} failed: {e}") from None
+
+    return render, template
 
 
 def _text(spec, doc, has_choices):
     return resolve(spec.doc_to_text, doc, "doc_to_text", has_choices)
 
 
-def _answer(spec: TaskSpec, doc: dict) -> str:
-    """The answer text of a few-shot example."""
+def _answer(spec: TaskSpec, doc: dict) -> str | None:
+    """The answer text of a few-shot example; None when it has none (an empty target: the harness
+    then shows the question alone, with no delimiters)."""
     has_choices = spec.doc_to_choice is not None
     target = resolve(spec.doc_to_target, doc, "doc_to_target", has_choices)
+    if target is None or target == "":
+        return None
     if has_choices:
         choices = resolve(spec.doc_to_choice, doc, "doc_to_choice", True)
         text = _text(spec, doc, True)
@@ -336,8 +448,12 @@ def _example_text(spec: TaskSpec, doc: dict) -> str:
     return str(text)
 
 
-def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limit: int | None = None) -> Prepared:
-    """Load the task's data and build every document's prompt (every rank does this identically)."""
+def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limit: int | None = None,
+            system_instruction: str | None = None) -> Prepared:
+    """Load the task's data and build every document's prompt (every rank does this identically).
+
+    system_instruction: text before the task's description (joined by the few-shot delimiter),
+    the system turn under a chat template, as the harness's --system_instruction."""
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
     k = k or 0
     docs = load_split(spec, spec.test_split, base)
@@ -355,12 +471,14 @@ def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limi
                              f"{split!r} has {len(pool)}")
     rnd = random.Random(seed)
     has_choices = spec.doc_to_choice is not None
-    contexts, choices, golds, multi, targets = [], [], [], [], []
+    turns, queries, choices, golds, multi, targets = [], [], [], [], [], []
     for i, doc in enumerate(docs):
         try:
             if not isinstance(doc, dict):
                 raise DocError("a sample must be a mapping of fields")
-            prefix = str(resolve(spec.description, doc, "description", False)) if spec.description else ""
+            description = str(resolve(spec.description, doc, "description", False)) if spec.description else ""
+            system = join_delimited(system_instruction, description, spec.fewshot_delimiter)
+            shown = [Turn("system", system)] if system else []
             if k > 0:
                 if spec.fewshot_config.sampler == "first_n":
                     shots = [d for j, d in enumerate(pool) if not (pool_is_eval and j == i)][:k]
@@ -371,8 +489,11 @@ def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limi
                     shots = rnd.sample(pool, k)
                 for shot in shots:
                     answer = _answer(spec, shot)
-                    prefix += _example_text(spec, shot) + (spec.target_delimiter if answer != "" else "") + answer
-                    prefix += spec.fewshot_delimiter
+                    if answer is None:
+                        shown.append(Turn("user", _example_text(spec, shot)))
+                    else:
+                        shown += [Turn("user", _example_text(spec, shot), spec.target_delimiter),
+                                  Turn("assistant", answer, spec.fewshot_delimiter)]
             text = _text(spec, doc, has_choices)
             target = resolve(spec.doc_to_target, doc, "doc_to_target", has_choices) \
                 if spec.doc_to_target is not None or spec.output_type != "generate_until" else None
@@ -382,24 +503,25 @@ def prepare(spec: TaskSpec, base: Path, num_fewshot: int | None, seed: int, limi
                 if not chs:
                     raise DocError("doc_to_choice gave no choices")
                 if is_multi:
-                    gold, ctx = text, [prefix + c for c in chs]
+                    gold, query = text, list(chs)
                     if not isinstance(target, str):
                         raise DocError(f"doc_to_target: expected the continuation text, got {target!r}")
                 else:
                     gold = chs.index(target) if isinstance(target, str) and target in chs else target
-                    ctx = prefix + str(text)
+                    query = str(text)
                 if not isinstance(gold, int) or not 0 <= gold < len(chs):
                     raise DocError(f"doc_to_target: {target!r} is neither a choice nor an index below {len(chs)}")
             else:
                 gold = target
-                ctx = prefix + str(text) if spec.output_type != "loglikelihood_rolling" else ""
+                query = str(text) if spec.output_type != "loglikelihood_rolling" else None
                 if spec.output_type in ("loglikelihood", "loglikelihood_rolling") and not isinstance(gold, str):
                     raise DocError(f"doc_to_target: expected text, got {gold!r}")
         except DocError as e:
             raise UsageError(f"task {spec.task}: sample {i} of split {spec.test_split!r}: {e}") from None
-        contexts.append(ctx)
+        turns.append(shown)
+        queries.append(query)
         choices.append(chs)
         golds.append(gold)
         multi.append(is_multi)
         targets.append(target if is_multi else None)
-    return Prepared(spec, docs, contexts, choices, golds, multi, targets)
+    return Prepared(spec, docs, turns, queries, choices, golds, multi, targets)

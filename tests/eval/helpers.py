@@ -59,7 +59,6 @@ fewshot_split: test  # examples from the evaluated split, never the document its
 output_type: loglikelihood
 doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
 doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
-target_delimiter: ""
 metric_list:
   - metric: perplexity
   - metric: acc
