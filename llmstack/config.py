@@ -161,7 +161,36 @@ class LoopTrainConfig(TrainConfig):
     compile: bool = False
 
 
-class PretrainTrainConfig(LoopTrainConfig):
+class TaskEvalTrainConfig(LoopTrainConfig):
+    """The loop's keys plus evaluation on eval tasks at the validation cadence (the decoder
+    stages that train a causal LM: pretrain with model.family=gpt, and sft)."""
+
+    eval_tasks: list[str] = Field(default_factory=list, description="eval tasks scored on the training model at "
+                                  "every eval_every step and the last (pretrain with a gpt model, sft), as "
+                                  "llmstack-eval --tasks names them: builtin task names, task .yaml files, "
+                                  "ppl:SOURCE; logged as eval/<task>/<metric>")
+    eval_tasks_limit: int | None = Field(None, ge=1, description="eval_tasks: the first N samples of each task "
+                                         "(default: all)")
+    eval_tasks_fewshot: int | None = Field(None, ge=0, description="eval_tasks: few-shot examples per prompt "
+                                           "(default: each task's own; seed 1234 as llmstack-eval)")
+
+    @field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, v):
+        return v.split(",") if isinstance(v, str) else v  # as llmstack-eval --tasks takes them
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _task_names(cls, v):
+        # names only here (the schema does not import the eval suite); the specs themselves are
+        # loaded and checked when the stage starts, before any tokenizer, model or data is built
+        for name in v:
+            if not name.strip() or name.strip() == "ppl:":
+                raise ValueError(f"empty task name {name!r} (a builtin task name, a .yaml file or ppl:SOURCE)")
+        return [name.strip() for name in v]
+
+
+class PretrainTrainConfig(TaskEvalTrainConfig):
     """Pretraining: the loop's keys, plus the loss variants and a validation budget of its own."""
 
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss stays plain")
@@ -276,6 +305,12 @@ class PretrainConfig(StageConfig):
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
 
+    @model_validator(mode="after")
+    def _eval_tasks_need_a_decoder(self):
+        if self.train.eval_tasks and self.model.family != "gpt":
+            raise ValueError(f"train.eval_tasks scores decoder-only gpt models, not model.family={self.model.family}")
+        return self
+
 
 class TokenizerTrainConfig(Strict):
     """`llmstack tokenizer train`: writes tokenizer.path."""
@@ -339,6 +374,7 @@ class SFTConfig(FinetuneConfig):
     stage_label: ClassVar[str] = "SFT"
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
+    train: TaskEvalTrainConfig = Field(default_factory=TaskEvalTrainConfig)
     data: ChatDataConfig = Field(default_factory=ChatDataConfig)
     sft: SFTOptions = Field(default_factory=SFTOptions)
     lora: LoraConfig = Field(default_factory=LoraConfig)

@@ -132,8 +132,8 @@ def test_every_key_of_another_stage_section_is_refused(stage, key, value, tmp_pa
 def test_each_stage_keeps_the_keys_it_uses():
     t = {s: set(sections(SCHEMAS[s])["train"].model_fields) for s in STAGES}
     assert t["pretrain"] - t["sft"] == {"label_smoothing", "z_loss", "eval_batches"}
-    assert t["sft"] == t["rm"] == t["dpo"]
-    assert t["sft"] - t["ppo"] == {"global_batch", "eval_every", "compile"} and t["ppo"] < t["sft"]
+    assert t["rm"] == t["dpo"] and t["sft"] - t["rm"] == {"eval_tasks", "eval_tasks_limit", "eval_tasks_fewshot"}
+    assert t["rm"] - t["ppo"] == {"global_batch", "eval_every", "compile"} and t["ppo"] < t["rm"] < t["sft"]
     sft_data = sections(SCHEMAS["sft"])["data"]
     assert set(sft_data.model_fields) == {"sources", "val_sources", "seq_len", "on_error", "shuffle"}
     for stage in ("sft", "rm", "dpo", "ppo"):

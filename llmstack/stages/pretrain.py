@@ -14,10 +14,12 @@ import torch
 from data_pipeline.stream import merge_states
 from llmstack.config import PretrainConfig
 from llmstack.distributed import env
+from llmstack.distributed import preflight
 from llmstack.errors import UsageError
 from llmstack.stages import common, objectives
 from llmstack.stages import data as data_stage
 from llmstack.train import run as train_run
+from llmstack.train import task_eval
 from llmstack.train.evaluate import evaluate_batches
 from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, Trainer
 
@@ -53,11 +55,16 @@ def dry_run(cfg: PretrainConfig) -> None:
 
 def run(cfg: PretrainConfig) -> dict:
     run, t = train_run.start(cfg, open_run=False), cfg.train
+    preflight.check_cpu_pretrain(cfg, run.world)  # without GPUs: exit 2 if it cannot fit this host, before any work
+    tasks = task_eval.start(t)  # train.eval_tasks loaded once: a bad task exits 2 before any heavy work
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)  # no run directory if this fails
     run.open()
     arch = common.model_config(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, t.activation_checkpointing,
                                pad_id=tokenizer.pad_id)
     run.check_resume(tokenizer.hash, cfg.model.family, arch)
+    if tasks is not None:  # every prompt fits the model (else exit 2 now, not at the first evaluation)
+        tasks.check(tokenizer, arch, seq_len=cfg.data.seq_len, bos=cfg.data.bos,
+                    batch_size=t.micro_batch)
     transform = objectives.make_transform(cfg.model.family, tokenizer, cfg.data.seq_len)  # None for gpt
     init = common.read_init(cfg.model.init) if run.saved is None else None
     model = common.build_model(arch, run.ds_config, cfg.zero.stage, cfg.seed, init=init, tokenizer_hash=tokenizer.hash)
@@ -90,7 +97,9 @@ def run(cfg: PretrainConfig) -> dict:
                       run_dir=run.dir, start_step=start, tokens=saved.tokens if saved else 0,
                       tokens_per_step=tokens_per_step, flops_per_token=flops_tok,
                       peak_flops=common.peak_flops(cfg.precision), checkpointer=checkpointer,
-                      evaluate=lambda: {"val_loss": evaluate_batches(engine, val_batches, causal_lm_loss)},
+                      evaluate=task_eval.with_tasks(
+                          lambda: {"val_loss": evaluate_batches(engine, val_batches, causal_lm_loss)},
+                          tasks, engine, cfg.zero.stage),
                       callbacks=[data_stage.DataStats(data.train.loader)])
     t0 = time.perf_counter()
     result = trainer.fit()

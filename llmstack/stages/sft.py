@@ -25,6 +25,7 @@ from llmstack.errors import UsageError
 from llmstack.models import lora as lora_lib
 from llmstack.stages import common
 from llmstack.train import run as train_run
+from llmstack.train import task_eval
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, MicroBatches, Trainer
 
 MODEL_INPUTS = ("position_ids", "attn_mask")
@@ -126,7 +127,11 @@ def add_lora(model, cfg: SFTConfig) -> dict | None:
 def run(cfg: SFTConfig) -> dict:
     """Fine-tune as `cfg` says; returns a summary (validation loss before/after, steps, tokens)."""
     run, t, s = train_run.start(cfg), cfg.train, cfg.sft
+    tasks = task_eval.start(t)  # train.eval_tasks loaded once: a bad task exits 2 before any heavy work
     tokenizer, arch, init = common.finetune_start(run, cfg, seq_len=cfg.data.seq_len)
+    if tasks is not None:  # every prompt fits the model (else exit 2 now, not at the first evaluation)
+        tasks.check(tokenizer, arch, seq_len=cfg.data.seq_len, bos=False,  # no data.bos here
+                    batch_size=t.micro_batch)
     try:
         formats.chat_tokens(tokenizer)
     except ValueError as e:
@@ -163,7 +168,9 @@ def run(cfg: SFTConfig) -> dict:
                         peak=common.peak_flops(cfg.precision))
     trainer = Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, summed_loss, run.accum, count=supervised),
                       run_dir=run.dir, start_step=start, tokens_per_step=nominal, checkpointer=checkpointer,
-                      evaluate=(lambda: {"val_loss": evaluate_tokens(engine, val_batches)}) if val_batches else None,
+                      evaluate=task_eval.with_tasks(
+                          (lambda: {"val_loss": evaluate_tokens(engine, val_batches)}) if val_batches else None,
+                          tasks, engine, cfg.zero.stage),
                       callbacks=[stats_cb])
     before = trainer.validate(step=start)["val_loss"] if val_batches and start == 0 else None
     if before is not None:
