@@ -45,7 +45,8 @@ def _load_cpu(path: str, tokenizer_path: str | None, families: tuple[str, ...] =
     `families` is a UsageError."""
     from llmstack.train.weights import load_for_inference
 
-    if not Path(path).exists():
+    p = Path(path)
+    if not p.exists() and not (p.name == "latest" and p.parent.is_dir()):  # a PPO run's checkpoints/latest
         raise UsageError(f"model not found: {path}")
     model, tokenizer, info = load_for_inference(path, tokenizer_path)
     check_vocab(tokenizer, info, path)

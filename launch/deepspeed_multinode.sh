@@ -7,12 +7,28 @@
 # NCCL settings that matter: NCCL_SOCKET_IFNAME (the interface nodes talk over), NCCL_IB_HCA
 # (InfiniBand adapters), NCCL_DEBUG=WARN for failures. Put exports in ~/.deepspeed_env to forward
 # them to every node under pdsh.
+# launch/hostfile is each cluster's own (git ignores it): cp launch/hostfile.example launch/hostfile, then edit.
 set -euo pipefail
-HOSTFILE=${1:?hostfile}; CONFIG=${2:?config}; shift 2
+if (($# < 2)); then
+  echo "usage: bash launch/deepspeed_multinode.sh HOSTFILE CONFIG [key=value ...]" >&2
+  exit 2
+fi
+HOSTFILE=$1; CONFIG=$2; shift 2
+# The deepspeed launcher runs on this machine alone when its hostfile is missing (a warning in its
+# log): a multi-node job would quietly become a one-node one.
+if [[ ! -f $HOSTFILE ]]; then
+  echo "error: hostfile not found: $HOSTFILE; copy the example there and list your nodes in it, one" \
+    "'<host> slots=<GPUs>' line each: cp launch/hostfile.example $HOSTFILE" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ARGS=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${NO_SSH:-}" ]]; then
-  ARGS+=(--no_ssh --node_rank "${NODE_RANK:?NODE_RANK}" --master_addr "${MASTER_ADDR:?MASTER_ADDR}")
+  if [[ -z "${NODE_RANK:-}" || -z "${MASTER_ADDR:-}" ]]; then
+    echo "error: NO_SSH=1 needs NODE_RANK (this node's, 0..N-1) and MASTER_ADDR (the first node's address)" >&2
+    exit 2
+  fi
+  ARGS+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
 elif [[ -n "${MASTER_ADDR:-}" ]]; then
   ARGS+=(--master_addr "$MASTER_ADDR")
 fi

@@ -117,7 +117,9 @@ def pretrain_data(data: DataConfig, tokenizer, seed: int, micro_batch: int, eval
     except UsageError as e:
         if state is None:
             raise
-        raise UsageError(f"cannot resume from {resume_from}: {e}") from None
+        from llmstack.train.run import separate_run_hint
+
+        raise UsageError(f"cannot resume from {resume_from}: {e}; {separate_run_hint(resume_from)}") from None
     manifest = {"seq_len": data.seq_len, "streams": data.streams, "sources": [s.model_dump() for s in data.sources],
                 "files": {s.spec: len(s.units) for s in train_sources}, "val_sources": [s.spec for s in val_sources],
                 "fingerprint": batches.loader.fp}

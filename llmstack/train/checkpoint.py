@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -119,8 +120,17 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+# PPO keeps two checkpoint roots, checkpoints/actor/ and checkpoints/critic/: the policy, which
+# generate, export, eval and model.init want, is the actor.
+POLICY_ROOT = "actor"
+_noted: set[str] = set()  # the paths already said to resolve to an actor (say it once per process)
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a user path: step_N/, a `latest` file, or a checkpoints/ or run dir."""
+    """A checkpoint directory from a user path: step_N/, a `latest` file, or a checkpoints/ or run dir.
+
+    A PPO run directory, its checkpoints/ or checkpoints/latest (which PPO does not write) mean its
+    actor's newest checkpoint, said on stderr."""
     p = Path(path)
     if p.name == "latest" and p.is_file():
         return p.parent / p.read_text().strip()
@@ -131,6 +141,16 @@ def resolve(path: str | Path) -> Path:
             return resolve(root / "latest")
         if steps := step_dirs(root):
             return steps[-1][1]
+    base = p.parent if p.name == "latest" and not p.exists() else p
+    for root in (base / POLICY_ROOT, base / "checkpoints" / POLICY_ROOT):
+        if (root / "latest").is_file() or step_dirs(root):
+            chosen = resolve(root)
+            if str(p) not in _noted and env.is_main():
+                _noted.add(str(p))
+                critic = root.parent / "critic"
+                print(f"note: {p} holds PPO checkpoints: using the actor's, {chosen}"
+                      + (f" (the critic's are in {critic})" if critic.is_dir() else ""), file=sys.stderr, flush=True)
+            return chosen
     if not p.exists():
         raise UsageError(f"checkpoint not found: {p}")
     raise UsageError(f"{p} is not a checkpoint (expected step_N/ with {META}, a latest file, or a run dir)")

@@ -13,6 +13,7 @@ once its tokenizer exists: `Run.open`). Resuming is checked in one place:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -78,7 +79,10 @@ class Run:
         """Refuse to resume a checkpoint of another tokenizer, or (given) another model."""
         if self.saved is None:
             return
-        check_tokenizer(self.saved.tokenizer_hash, tokenizer_hash, self.resume_from)
+        try:
+            check_tokenizer(self.saved.tokenizer_hash, tokenizer_hash, self.resume_from)
+        except UsageError as e:
+            raise UsageError(f"{e}, or: {separate_run_hint(self.resume_from)}") from None
         if family is not None:
             check_architecture(self.saved, family, arch, self.resume_from)
 
@@ -96,10 +100,8 @@ class Run:
         it; a universal checkpoint sets `load_universal` in ds_config."""
         resume_from = ckpt.start_run(self.cfg.train.resume, self.ckpt_root, self.dir)
         saved = ckpt.read_meta(resume_from) if resume_from is not None else None
-        if saved is not None and saved.partitioned and saved.world_size != self.world:
-            raise UsageError(f"{resume_from} holds ZeRO-{saved.zero_stage} partitions of {saved.world_size} processes; "
-                             f"this run has {self.world}. Resume with the same number of processes, or convert it "
-                             f"first: llmstack checkpoint reshape {resume_from}")
+        if saved is not None:
+            check_world_size(saved, self.world, resume_from)
         self.resume_from, self.saved = resume_from, saved
         if self.ds_config is not None:
             self.ds_config = self.engine_config(self.ds_config)
@@ -119,15 +121,57 @@ class Run:
 def start(cfg, *, ckpt_root: Path | None = None, open_run: bool = True) -> Run:
     """Every rank, first thing: init the process group, check the precision is available and
     resolve the batch arithmetic (stages with one trained engine: cfg.zero); then, unless
-    `open_run=False` (the stage calls `Run.open` itself, later), open the run directory."""
+    `open_run=False` (the stage calls `Run.open` itself, later), open the run directory.
+    A checkpoint this world size cannot load is refused before the process group starts
+    (`precheck_world_size`)."""
+    ckpt_root = ckpt_root or cfg.run.path / "checkpoints"
+    if "WORLD_SIZE" in os.environ or "RANK" not in os.environ:  # as env.init will see it (alone: 1)
+        precheck_world_size(cfg.train.resume, ckpt_root, int(os.environ.get("WORLD_SIZE", 1)))
     env.init(cfg.dist.backend, cfg.dist.timeout_s)
     ds.check_precision(cfg.precision)  # before any tokenizer, data or model is built
     world, t = env.world_size(), cfg.train
     ds_config, accum, global_batch = ds_config_for(cfg, world) if hasattr(cfg, "zero") else (None, t.grad_accum, 0)
-    run = Run(cfg=cfg, world=world, rank=env.rank(), dir=cfg.run.path,
-              ckpt_root=ckpt_root or cfg.run.path / "checkpoints", resume_from=None, saved=None,
-              ds_config=ds_config, accum=accum, global_batch=global_batch)
+    run = Run(cfg=cfg, world=world, rank=env.rank(), dir=cfg.run.path, ckpt_root=ckpt_root, resume_from=None,
+              saved=None, ds_config=ds_config, accum=accum, global_batch=global_batch)
     return run.open() if open_run else run
+
+
+def separate_run_hint(where) -> str:
+    """The end of a refusal to resume the checkpoint `where` into a run that differs from it: the
+    user most likely meant a new run, and run.dir defaults to runs/<run.name>, which the demo
+    configs share (gpt-tiny.yaml's run.name is the same whatever data.sources says)."""
+    run_dir = ckpt.run_dir_of(Path(where).parent)
+    return (f"{run_dir} holds a run with other settings: to start a separate run, give it its own name, "
+            "run.name=NEW_NAME (or run.dir=DIR); to start this one over, train.resume=none (its checkpoints are "
+            "set aside)")
+
+
+def check_world_size(saved: CheckpointMeta, world: int, where) -> None:
+    """ZeRO partitions load only on the number of processes that wrote them; a universal
+    checkpoint (`llmstack checkpoint reshape`) or an unpartitioned one loads on any."""
+    if saved.partitioned and saved.world_size != world:
+        raise UsageError(f"{where} holds ZeRO-{saved.zero_stage} partitions of {saved.world_size} processes; "
+                         f"this run has {world}. Resume with the same number of processes, or convert it "
+                         f"first: llmstack checkpoint reshape {where}")
+
+
+def precheck_world_size(resume: str, ckpt_root: Path, world: int) -> None:
+    """The world-size refusal of `Run.open`, made before the process group starts: importing
+    DeepSpeed and initialising it (on CPU, a first run builds its shared-memory op) took from
+    seconds to minutes before the refusal came. Only the checkpoints' meta.json files are read (no
+    lock, no hashing, no collective: every rank decides alone, and alike). It refuses only when
+    every checkpoint `train.resume` may pick is partitioned for another world size, so that the
+    verified choice of `Run.open` would be refused too; anything else is left to `Run.open`."""
+    if resume == "none":
+        return
+    try:
+        candidates = [p for _, p in ckpt.step_dirs(ckpt_root)] if resume == "auto" else [ckpt.resolve(resume)]
+        metas = [(p, ckpt.read_meta(p)) for p in candidates]
+    except UsageError:
+        return  # a missing or unreadable checkpoint: Run.open says so, with the run's lock held
+    if metas and all(m.partitioned and m.world_size != world for _, m in metas):
+        where, saved = metas[-1]
+        check_world_size(saved, world, where)
 
 
 def check_tokenizer(saved: str | None, current: str, where) -> None:
@@ -157,8 +201,8 @@ def check_architecture(saved: CheckpointMeta, family: str, arch, where) -> None:
              if k in now and k not in RESUMABLE_CHANGES and recorded[k] != now[k]]
     if diff:
         raise UsageError(f"cannot resume from {where}: this run's model differs from the checkpoint's ("
-                         + "; ".join(diff) + "); resume with the checkpoint's architecture, or start a new run "
-                         "(another run.dir, or train.resume=none)")
+                         + "; ".join(diff) + "); resume with the checkpoint's architecture, or: "
+                         + separate_run_hint(where))
 
 
 def git_revision() -> str | None:

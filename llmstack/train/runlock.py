@@ -144,7 +144,8 @@ def _in_use(run_dir: Path, path: Path, holder: dict, *, locked: bool) -> str:
     who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
            f" (`{holder.get('command', '?')}`)" if holder else "a process that has not recorded itself yet")
     msg = (f"run.dir {run_dir} is in use by another run: {who}. Two runs on one run directory would overwrite "
-           "each other's checkpoints and metrics; wait for it to end, stop it, or choose another run.dir")
+           "each other's checkpoints and metrics; wait for it to end, stop it, or start a separate run with its own "
+           "name, run.name=NEW_NAME (or run.dir=DIR)")
     alive = _holder_alive(holder)
     if locked and alive is False:
         msg += (f". That process has ended, but a process it started still holds the lock on {path} "
