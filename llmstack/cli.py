@@ -1,18 +1,28 @@
 """`llmstack` command line: subcommand dispatch only (the work is in llmstack/stages/).
 
 Every command: `--help` explains it; a bad argument, a missing file or a bad config exits with
-status 2 and one message, no traceback.
+status 2 and one message, no traceback. Around every command (`entry_point`, shared with
+`llmstack-eval`): stdout carries results only, and a closed pipe ends it quietly. Validation
+comes before the heavy libraries (DeepSpeed, transformers) are imported: they are imported by
+the commands that use them, when they use them.
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
+import contextlib
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
 import os
 import re
 import sys
 import time
 
 from data_pipeline.errors import DataError
+from llmstack import __version__
 from llmstack.errors import Diverged, TrainingStopped, UsageError
 
 # seconds a rank that failed for another reason waits before exiting (see main)
@@ -22,6 +32,109 @@ _PEER_EXIT_GRACE_S = 3.0
 TRAINING_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
+
+VERSION = f"llmstack {__version__}"  # what `llmstack --version` and `llmstack-eval --version` print
+
+# the exit status of a command whose reader closed its stdout early (`llmstack ... | head`): the
+# one a Unix tool killed by SIGPIPE has (128 + 13), so `set -o pipefail` scripts see what they
+# see from cat or seq; 0 would claim the whole output was delivered
+EXIT_BROKEN_PIPE = 141
+
+
+# --- what our entry points do around any command: stdout for results, a closed pipe ---------------
+
+def entry_point(command, argv: list[str] | None) -> int:
+    """Run an entry point's `command(argv)` so that stdout carries only the command's results
+    (DeepSpeed's own output goes to stderr: `deepspeed_output_to_stderr`) and a reader that stops
+    early (`| head`) ends the command quietly with EXIT_BROKEN_PIPE instead of a traceback."""
+    deepspeed_output_to_stderr()
+    try:
+        try:
+            return command(argv)
+        finally:  # the last buffered lines too (--help and SystemExit included), inside the guard
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's recipe: point stdout at devnull, or its flush at exit fails ("Exception ignored")
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def deepspeed_output_to_stderr() -> None:
+    """Send what DeepSpeed writes to stderr, so that `llmstack generate ... > out.txt` holds the
+    generated text only. DeepSpeed's logger has a handler on sys.stdout ("Setting accelerator to
+    CPU", ...); its modules print() progress ("Processing zero checkpoint ...", "... built
+    successfully"); an op build runs the compiler with file descriptor 1 as its output. DeepSpeed
+    is imported lazily, by the commands that use it, so this hooks its import: every deepspeed
+    module gets a `print` of its own that writes to stderr, the logger's handler is re-pointed
+    once created, and op builds run with descriptor 1 on stderr. Idempotent."""
+    if not any(isinstance(f, _DeepSpeedToStderr) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeepSpeedToStderr(sys.stdout))
+    if "deepspeed.utils.logging" in sys.modules:  # imported before this ran (a call from Python)
+        _logger_to_stderr(sys.modules["deepspeed.utils.logging"])
+
+
+class _DeepSpeedToStderr(importlib.abc.MetaPathFinder):
+    """Finds deepspeed modules as the normal path finder does, loaded by `_StderrLoader`."""
+
+    def __init__(self, stdout):
+        self.stdout = stdout  # prints aimed at another stream (sys.stdout swapped for a file) stay there
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.partition(".")[0] != "deepspeed":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = _StderrLoader(spec.loader.name, spec.loader.path, self.stdout)
+        return spec
+
+
+class _StderrLoader(importlib.machinery.SourceFileLoader):
+    def __init__(self, fullname, path, stdout):
+        super().__init__(fullname, path)
+        self.stdout = stdout
+
+    def exec_module(self, module):
+        module.print = functools.partial(_print_to_stderr, self.stdout)  # found before the builtin
+        super().exec_module(module)
+        if module.__name__ == "deepspeed.utils.logging":
+            _logger_to_stderr(module)
+        elif module.__name__ == "deepspeed.ops.op_builder.builder":
+            jit_load = module.OpBuilder.jit_load
+
+            @functools.wraps(jit_load)
+            def jit_load_to_stderr(*args, **kwargs):
+                with _fd1_to_stderr():
+                    return jit_load(*args, **kwargs)
+
+            module.OpBuilder.jit_load = jit_load_to_stderr
+
+
+def _print_to_stderr(stdout, *args, file=None, **kwargs):
+    if file is None:
+        file = sys.stderr if sys.stdout is stdout else sys.stdout
+    builtins.print(*args, file=file, **kwargs)
+
+
+def _logger_to_stderr(module) -> None:
+    for h in getattr(module, "logger", logging.getLogger("DeepSpeed")).handlers:
+        if type(h) is logging.StreamHandler:
+            h.setStream(sys.stderr)
+
+
+@contextlib.contextmanager
+def _fd1_to_stderr():
+    """File descriptor 1 (what subprocesses write to) on stderr for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -62,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Multi-process: deepspeed --num_gpus N --module llmstack pretrain CONFIG ... "
         "or torchrun --nproc_per_node N -m llmstack pretrain CONFIG ...",
     )
+    parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer", description="Tokenizer commands.")
@@ -225,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return entry_point(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     entry = argv is None  # the process's own command (console script, python -m), not a call from Python
     argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -61,14 +61,23 @@ def activation_bytes_per_token_layer(arch: GPTConfig, act_bytes: int) -> float:
     return (attn + mlp) * act_bytes
 
 
+def param_counts(arch: GPTConfig) -> tuple[int, int]:
+    """(parameters of the model, parameters of one block), from a model built on the meta device
+    (shapes only, no memory)."""
+    with torch.device("meta"):
+        return _counts(GPT(arch))
+
+
+def _counts(model: GPT) -> tuple[int, int]:
+    return model.num_params(), sum(p.numel() for p in model.blocks[0].parameters())
+
+
 def estimate(arch: GPTConfig, *, seq_len: int, micro_batch: int, zero_stage: int, world: int, precision: str,
              offload_optimizer: bool = False, offload_params: bool = False, activation_checkpointing: bool = False,
-             device: str = "gpu") -> Estimate:
-    """Peak memory of one data-parallel process, by component (bytes)."""
-    with torch.device("meta"):
-        model = GPT(arch)
-    n = model.num_params()
-    layer_params = sum(p.numel() for p in model.blocks[0].parameters())
+             device: str = "gpu", counts: tuple[int, int] | None = None) -> Estimate:
+    """Peak memory of one data-parallel process, by component (bytes). `counts`: `param_counts(arch)`
+    when the caller has it (a table of estimates builds the model once, not once per cell)."""
+    n, layer_params = counts or param_counts(arch)
     bw = 2 if precision in ("bf16", "fp16") else 4
     d = world
     weights = n * bw / (d if zero_stage == 3 else 1)
@@ -104,6 +113,8 @@ def estimate(arch: GPTConfig, *, seq_len: int, micro_batch: int, zero_stage: int
 
 def suggest_micro_batch(arch, budget: float, **kw) -> int:
     """Largest micro-batch (up to 1024) whose estimate fits `budget` bytes; 0 if none does."""
+    if kw.get("counts") is None:
+        kw["counts"] = param_counts(arch)
     best = 0
     for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
         if estimate(arch, micro_batch=b, **kw).total <= budget:
@@ -126,6 +137,7 @@ def run(cfg: PretrainConfig, gpus: int, gpu_mem_gb: float, headroom: float = 0.9
     micro, accum, global_batch = resolve_batch(t.micro_batch, t.grad_accum, t.global_batch, gpus)
     with torch.device("meta"):
         model = GPT(arch)
+    counts = _counts(model)
     budget = gpu_mem_gb * GB * headroom
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, {model.flops_per_token(cfg.data.seq_len) / 1e9:.2f} "
           f"GFLOPs/token; {gpus} GPUs x {gpu_mem_gb:g} GB ({headroom:.0%} usable); {cfg.precision}; "
@@ -139,7 +151,8 @@ def run(cfg: PretrainConfig, gpus: int, gpu_mem_gb: float, headroom: float = 0.9
                 continue
             for ckpt in (False, True):
                 kw = dict(seq_len=cfg.data.seq_len, zero_stage=stage, world=gpus, precision=cfg.precision,
-                          offload_optimizer=off_opt, offload_params=off_par, activation_checkpointing=ckpt)
+                          offload_optimizer=off_opt, offload_params=off_par, activation_checkpointing=ckpt,
+                          counts=counts)
                 e = estimate(arch, micro_batch=micro, **kw)
                 fits = e.total <= budget
                 any_fits |= fits
