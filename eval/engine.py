@@ -301,7 +301,6 @@ class Scorer:
             cur.append(i)
         if cur:
             batches.append(cur)
-        eos = self.tokenizer.eos_id
         results = {}
         stop_sets = {}
         bar = self._bar(len(mine), desc)
@@ -314,16 +313,7 @@ class Scorer:
                             temperature=0.0, stop_ids=stop_sets[key], pad_id=self.tokenizer.pad_id or 0)
             for i, o in zip(b, outs):
                 self.tokens_scored += len(o)
-                o = o[:budget[i]]
-                # decoding stopped at a token that is EOS or holds a stop string, or ran out of tokens
-                ended = bool(o) and o[-1] in stop_sets[key]
-                if eos is not None and eos in o:  # the end of the text ends the answer
-                    o = o[:o.index(eos)]
-                text = self.tokenizer.backend.decode(o, skip_special_tokens=True)
-                for stop in until[i]:
-                    if stop and stop in text:
-                        text, ended = text.split(stop)[0], True
-                results[i] = (text, not ended and len(o) == budget[i])
+                results[i] = answer_text(self.tokenizer, o, budget[i], stop_sets[key], until[i])
             if bar is not None:
                 bar.update(len(b))
         self.seconds += time.perf_counter() - t0
@@ -332,3 +322,19 @@ class Scorer:
         results = self._merge_ranks(results)
         texts = [results[i][0] for i in range(len(prompts))]
         return (texts, [results[i][1] for i in range(len(prompts))]) if with_limit else texts
+
+
+def answer_text(tokenizer, out: list[int], budget: int, stop_ids: set[int], until: list[str]) -> tuple[str, bool]:
+    """(answer text, hit the limit) of a greedy continuation `out` of at most `budget` tokens:
+    up to EOS, decoded without special tokens, cut at the first stop string; hit the limit when
+    all `budget` tokens were used without reaching EOS or a stop string."""
+    out = out[:budget]
+    ended = bool(out) and out[-1] in stop_ids  # decoding stopped at EOS or a token holding a stop string
+    eos = tokenizer.eos_id
+    if eos is not None and eos in out:  # the end of the text ends the answer
+        out = out[:out.index(eos)]
+    text = tokenizer.backend.decode(out, skip_special_tokens=True)
+    for stop in until:
+        if stop and stop in text:
+            text, ended = text.split(stop)[0], True
+    return text, not ended and len(out) == budget

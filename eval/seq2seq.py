@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from eval.engine import BUCKET, Scorer, _round_up
+from eval.engine import BUCKET, Scorer, _round_up, answer_text
 from llmstack.errors import UsageError
 
 
@@ -247,7 +247,6 @@ class Seq2SeqScorer(Scorer):
             cur.append(i)
         if cur:
             batches.append(cur)
-        eos = self.tokenizer.eos_id
         results = {}
         bar = self._bar(len(mine), desc)
         t0 = time.perf_counter()
@@ -257,15 +256,7 @@ class Seq2SeqScorer(Scorer):
                             temperature=0.0, stop_ids=stops, pad_id=self.start_id)
             for i, o in zip(b, outs):
                 self.tokens_scored += len(prompts[i]) + len(o)
-                o = o[:max_new[i]]
-                ended = bool(o) and o[-1] in stops  # stopped at EOS or a stop string, not by the limit
-                if eos is not None and eos in o:  # the end of the text ends the answer
-                    o = o[:o.index(eos)]
-                text = self.tokenizer.backend.decode(o, skip_special_tokens=True)
-                for stop in until[i]:
-                    if stop and stop in text:
-                        text, ended = text.split(stop)[0], True
-                results[i] = (text, not ended and len(o) == max_new[i])
+                results[i] = answer_text(self.tokenizer, o, max_new[i], stops, until[i])
             if bar is not None:
                 bar.update(len(b))
         self.seconds += time.perf_counter() - t0
