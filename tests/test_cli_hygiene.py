@@ -24,7 +24,7 @@ from tests.conftest import REPO, TINY, child_env, run_cmd
 HEAVY = ("deepspeed", "transformers", "datasets", "peft", "lm_eval")
 
 # Runs commands in one process through the entry points' main(argv) and reports, after each,
-# its exit status and which heavy libraries the process has imported so far.
+# its exit status, which heavy libraries the process has imported so far, and whether torch is.
 PROBE = """
 import contextlib, io, json, sys
 import eval.cli, llmstack.cli
@@ -38,7 +38,7 @@ for prog, argv in json.loads(sys.argv[1]):
         except SystemExit as e:
             rc = e.code or 0
     report.append({"argv": [prog, *argv], "rc": rc, "err": err.getvalue()[-300:],
-                   "heavy": sorted(m for m in %r if m in sys.modules)})
+                   "heavy": sorted(m for m in %r if m in sys.modules), "torch": "torch" in sys.modules})
 print(json.dumps(report))
 """ % (HEAVY,)
 
@@ -70,6 +70,49 @@ def test_config_errors_plan_help_and_version_leave_heavy_libraries_unimported(tm
         assert got["heavy"] == [], f"{' '.join(got['argv'])} imported {got['heavy']}"
         if want_rc == 2:
             assert got["err"].startswith("error: ") and "Traceback" not in got["err"], got
+
+
+def test_config_errors_and_help_of_every_training_command_leave_torch_unimported():
+    """A bad config of any training command (a wrong type, an unknown key, a preset or field of
+    each model family) is refused, and --help / --version / --list-options answer, before torch
+    is imported (over a second of a two-second answer): the families' configs and presets are
+    plain Python, their model modules imported only when a model is built."""
+    cfg = lambda p: str(REPO / "configs" / p)  # noqa: E731
+    commands = [
+        ("llmstack", ["pretrain", cfg("pretrain/gpt-tiny.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["pretrain", cfg("pretrain/gpt-tiny.yaml"), "nosuch.key=1"], 2, "nosuch"),
+        ("llmstack", ["pretrain", cfg("pretrain/llama-tiny.yaml"), "model.mlp=nosuch"], 2, "model.mlp"),
+        ("llmstack", ["pretrain", cfg("pretrain/bert-tiny.yaml"), "model.preset=t5-tiny"], 2, "is a t5 preset"),
+        ("llmstack", ["pretrain", cfg("pretrain/t5-tiny.yaml"), "model.prenorm=true"], 2, "does not apply"),
+        ("llmstack", ["sft", cfg("sft/gpt-tiny-demo.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["sft", cfg("sft/lora.yaml"), "model.preset=nosuch"], 2, "unknown preset 'nosuch'"),
+        ("llmstack", ["rm", cfg("rm/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["dpo", cfg("dpo/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["ppo", cfg("ppo/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["grpo", cfg("grpo/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
+        ("llmstack", ["tokenizer", "train", cfg("tokenizer/bpe-demo.yaml"), "nosuch=1"], 2, "nosuch"),
+        ("llmstack", ["--help"], 0, ""),
+        ("llmstack", ["--version"], 0, ""),
+        *(("llmstack", [command, "--help"], 0, "") for command in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")),
+        ("llmstack", ["plan", "--help"], 0, ""),
+        ("llmstack", ["pretrain", "--list-options"], 0, ""),
+        ("llmstack-eval", ["--version"], 0, ""),
+    ]
+    report = probe([(prog, argv) for prog, argv, _, _ in commands])
+    for (_, _, want_rc, want_err), got in zip(commands, report):
+        assert got["rc"] == want_rc, got
+        assert want_err in got["err"], got
+        assert not got["torch"], f"{' '.join(got['argv'])} imported torch"
+
+
+def test_torch_free_configs_name_the_activations_layers_implements():
+    """BertConfig validates its activation against a torch-free list of names; layers.py maps the
+    same names to functions."""
+    from llmstack.models import configs, layers
+
+    assert configs.ACTIVATION_NAMES == tuple(layers.ACTIVATIONS)
+    with pytest.raises(ValueError, match="unknown activation 'nosuch'"):
+        configs.BertConfig(vocab_size=8, activation="nosuch")
 
 
 def _checkpoint(root, step: int, **meta) -> None:

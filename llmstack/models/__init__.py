@@ -1,24 +1,32 @@
 """The model families and how to build them: family -> config class, presets, model class.
 
 Stages, checkpoints and export dispatch on a family name ("gpt", "bert", "t5") through this
-registry instead of importing a model class, so adding a family touches one table.
+registry instead of importing a model class, so adding a family touches one table. The configs and
+presets come from the torch-free configs.py; a family's model module (torch) is imported when its
+model class is first asked for, so validating a config does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, fields
 
-from llmstack.models import bert, gpt, t5
+from llmstack.models import configs
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     config_cls: type
-    model_cls: type
+    model_path: str  # "module:Class" of the model, imported on first use (torch)
     presets: dict[str, dict]
     default_preset: str
     objective: str  # the pretraining objective of the family
+
+    @property
+    def model_cls(self) -> type:
+        module, cls = self.model_path.split(":")
+        return getattr(importlib.import_module(module), cls)
 
     def field_names(self) -> set[str]:
         """Architecture fields of this family's config (what `model.<field>` may set)."""
@@ -26,9 +34,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("gpt", gpt.GPTConfig, gpt.GPT, gpt.PRESETS, "gpt2-tiny", "causal language modelling"),
-    "bert": Family("bert", bert.BertConfig, bert.Bert, bert.PRESETS, "bert-tiny", "masked language modelling"),
-    "t5": Family("t5", t5.T5Config, t5.T5, t5.PRESETS, "t5-tiny", "span corruption"),
+    "gpt": Family("gpt", configs.GPTConfig, "llmstack.models.gpt:GPT", configs.GPT_PRESETS, "gpt2-tiny",
+                  "causal language modelling"),
+    "bert": Family("bert", configs.BertConfig, "llmstack.models.bert:Bert", configs.BERT_PRESETS, "bert-tiny",
+                   "masked language modelling"),
+    "t5": Family("t5", configs.T5Config, "llmstack.models.t5:T5", configs.T5_PRESETS, "t5-tiny", "span corruption"),
 }
 
 

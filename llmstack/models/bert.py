@@ -17,57 +17,15 @@ Shapes: B batch, T sequence, C d_model, nh heads, hd head dim, V vocab.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# the config and presets are plain Python in configs.py (config validation needs no torch)
+from llmstack.models.configs import BERT_PRESETS as PRESETS  # noqa: F401 (re-exported)
+from llmstack.models.configs import BertConfig
 from llmstack.models.layers import ACTIVATIONS, MLP, attention
-
-
-@dataclass
-class BertConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    d_ff: int | None = None  # None: 4 * d_model
-    max_seq_len: int = 512
-    type_vocab_size: int = 2
-    norm_eps: float = 1e-12
-    activation: str = "gelu"
-    prenorm: bool = False
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    init_std: float = 0.02
-    pad_id: int = 0
-    activation_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r} (allowed: {', '.join(ACTIVATIONS)})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-
-# Sizes follow the BERT paper (base) and Turc et al. 2019 ("Well-Read Students", the small BERTs).
-PRESETS: dict[str, dict] = {
-    "bert-tiny": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=256),
-    "bert-small": dict(n_layer=4, n_head=8, d_model=512, max_seq_len=512),
-    "bert-base": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=512, dropout=0.1, attn_dropout=0.1),
-    "bert-large": dict(n_layer=24, n_head=16, d_model=1024, max_seq_len=512, dropout=0.1, attn_dropout=0.1),
-}
 
 
 class SelfAttention(nn.Module):

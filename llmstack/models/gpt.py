@@ -21,12 +21,15 @@ Shapes: B batch, T sequence, C d_model, nh heads, nkv key/value heads, hd head d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+# the config and presets are plain Python in configs.py (config validation needs no torch)
+from llmstack.models.configs import GPT_PRESETS as PRESETS
+from llmstack.models.configs import GPTConfig
 from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entropy are re-exported)
     GATED,
     MLP,
@@ -46,96 +49,7 @@ from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entr
     pattern_mask,
     rotary_tables,
     sinusoidal_table,
-    swiglu_hidden,
 )
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: same as n_head (plain multi-head attention)
-    d_model: int = 256
-    d_ff: int | None = None  # None: 4*d_model, or swiglu_hidden(d_model) for gated MLPs
-    max_seq_len: int = 256
-    pos: str = "learned"  # learned | sinusoidal | rotary | alibi | none
-    attn_pattern: str = "full"  # full | sliding | strided | fixed
-    attn_window: int = 0  # sliding: keys per query (itself included)
-    attn_block: int = 0  # strided / fixed: block size l
-    attn_summary: int = 1  # fixed: summary columns c per block
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)) (original Transformer)
-    final_norm: bool = True  # a norm before the LM head
-    layer_scale: float | None = None  # LayerScale's initial value; None: off
-    mlp: str = "gelu"  # gelu (plain, any activation) | swiglu | geglu | reglu
-    activation: str | None = None  # None: gelu_tanh for the plain MLP, the gate's own for gated ones
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    init_std: float = 0.02
-    init_scheme: str = "normal"  # normal (GPT-2 scaled residuals) | xavier | kaiming
-    embed_init: str = "normal"  # normal(init_std) | small: U(-1e-4, 1e-4)
-    rope_theta: float = 10000.0
-    activation_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
-        n_kv = self.n_kv_head or self.n_head
-        if self.n_head % n_kv:
-            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
-        choices = {"pos": ("learned", "sinusoidal", "rotary", "alibi", "none"), "mlp": ("gelu", *GATED),
-                   "attn_pattern": ("full", "sliding", "strided", "fixed"), "norm_position": ("pre", "post"),
-                   "init_scheme": ("normal", "xavier", "kaiming"), "embed_init": ("normal", "small")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.attn_pattern == "sliding" and self.attn_window < 1:
-            raise ValueError("attn_pattern=sliding needs attn_window >= 1 (keys each query sees)")
-        if self.attn_pattern in ("strided", "fixed") and self.attn_block < 1:
-            raise ValueError(f"attn_pattern={self.attn_pattern} needs attn_block >= 1 (block size)")
-        if self.attn_pattern == "fixed" and not 1 <= self.attn_summary <= self.attn_block:
-            raise ValueError(f"attn_summary={self.attn_summary} must be in 1..attn_block={self.attn_block}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        return swiglu_hidden(self.d_model) if self.mlp in GATED else 4 * self.d_model
-
-    @property
-    def act(self) -> str:
-        return self.activation or GATED.get(self.mlp, "gelu_tanh")
-
-
-_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)
-_LLAMA = dict(pos="rotary", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5)
-
-# Sizes follow GPT-2 / GPT-3 (Radford et al. 2019, Brown et al. 2020 table 2.1).
-PRESETS: dict[str, dict] = {
-    "gpt2-tiny": dict(_GPT2, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
-    "gpt2-small": dict(_GPT2, n_layer=6, n_head=8, d_model=512, max_seq_len=512),
-    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
-    "gpt2-350m": dict(_GPT2, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
-    "gpt2-760m": dict(_GPT2, n_layer=24, n_head=16, d_model=1536, max_seq_len=1024),
-    "gpt2-1.3b": dict(_GPT2, n_layer=24, n_head=16, d_model=2048, max_seq_len=2048),
-    "llama-tiny": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
-    "llama-small": dict(_LLAMA, n_layer=6, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
-    "llama-124m": dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
-    "llama-350m": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=1024, max_seq_len=2048),
-    "llama-1.3b": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=2048, max_seq_len=2048),
-}
 
 
 class CausalSelfAttention(nn.Module):

@@ -16,6 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+# names shared with the torch-free configs (GATED: gated MLPs by name -> the activation of their gate)
+from llmstack.models.configs import GATED, swiglu_hidden  # noqa: F401 (re-exported)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * g, no mean subtraction, no bias.
@@ -289,10 +292,6 @@ ACTIVATIONS = {
     "mish": F.mish,  # x * tanh(softplus(x)) (Misra 2019)
 }
 
-# Gated MLPs (Shazeer 2020) by name -> the activation of their gate.
-GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
-
-
 class MLP(nn.Module):
     """Two-layer feed-forward: proj(act(fc(x))). GPT-2 / BERT style."""
 
@@ -329,12 +328,6 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc(x).split(self.hidden, dim=-1)
         return self.drop(self.proj(self.act(gate) * up))
-
-
-def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
-    """LLaMA's gated hidden width: 2/3 of 4*dim (same parameter count as a 4*dim MLP), rounded up."""
-    hidden = int(2 * 4 * dim / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,74 +21,16 @@ Shapes: B batch, S encoder length, T decoder length, C d_model, nh heads, dk hea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from llmstack.models.layers import MLP, GatedMLP, KVCache, Linear, LMHead, RMSNorm, attention, swiglu_hidden
-
-FFN_KINDS = ("gated-gelu", "relu")
-
-
-@dataclass
-class T5Config:
-    vocab_size: int
-    n_layer: int = 4  # encoder layers
-    n_decoder_layer: int | None = None  # None: same as n_layer
-    n_head: int = 4
-    d_model: int = 256
-    d_kv: int | None = None  # per-head dim; None: d_model // n_head (T5 allows n_head*d_kv != d_model)
-    d_ff: int | None = None  # None: swiglu_hidden(d_model) for gated-gelu, 4*d_model for relu
-    ffn: str = "gated-gelu"
-    rel_buckets: int = 32
-    rel_max_distance: int = 128
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    rescale_output: bool | None = None  # None: same as tie_embeddings
-    dropout: float = 0.0
-    init_factor: float = 1.0
-    max_seq_len: int = 512  # longest input the stages feed (relative positions have no hard limit)
-    pad_id: int = 0  # also the decoder start token, as in T5
-    activation_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"unknown ffn {self.ffn!r} (allowed: {', '.join(FFN_KINDS)})")
-        if self.d_kv is None and self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head} (or set d_kv)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_kv or self.d_model // self.n_head
-
-    @property
-    def inner_dim(self) -> int:
-        return self.n_head * self.head_dim
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.n_decoder_layer or self.n_layer
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        return swiglu_hidden(self.d_model) if self.ffn == "gated-gelu" else 4 * self.d_model
-
-    @property
-    def rescale(self) -> bool:
-        return self.tie_embeddings if self.rescale_output is None else self.rescale_output
-
-
-# Sizes of the T5 v1.1 checkpoints (small, base), plus CPU-sized ones.
-PRESETS: dict[str, dict] = {
-    "t5-tiny": dict(n_layer=4, n_head=4, d_model=256, d_ff=640, max_seq_len=256),
-    "t5-mini": dict(n_layer=6, n_head=8, d_model=384, d_kv=48, d_ff=1024, max_seq_len=512),
-    "t5-small": dict(n_layer=8, n_head=6, d_model=512, d_kv=64, d_ff=1024, max_seq_len=512),
-    "t5-base": dict(n_layer=12, n_head=12, d_model=768, d_kv=64, d_ff=2048, max_seq_len=512),
-}
+# the config and presets are plain Python in configs.py (config validation needs no torch)
+from llmstack.models.configs import FFN_KINDS  # noqa: F401 (re-exported)
+from llmstack.models.configs import T5_PRESETS as PRESETS  # noqa: F401 (re-exported)
+from llmstack.models.configs import T5Config
+from llmstack.models.layers import MLP, GatedMLP, KVCache, Linear, LMHead, RMSNorm, attention
 
 
 def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:

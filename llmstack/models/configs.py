@@ -1,0 +1,223 @@
+"""Each model family's config dataclass and presets, in plain Python (no torch).
+
+Validating a config (`llmstack pretrain CONFIG key=value`, `--list-options`) needs the
+families' fields and presets but no tensors, so they live here, apart from the model files: a bad
+config is refused before torch is imported. gpt.py, bert.py and t5.py import their config and
+PRESETS from this module (and re-export them), and layers.py its names of the MLP variants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Activation names of the MLPs: layers.ACTIVATIONS maps each to its function.
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu", "mish")
+
+# Gated MLPs (Shazeer 2020) by name -> the activation of their gate.
+GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
+    """LLaMA's gated hidden width: 2/3 of 4*dim (same parameter count as a 4*dim MLP), rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# --- GPT ---------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head (plain multi-head attention)
+    d_model: int = 256
+    d_ff: int | None = None  # None: 4*d_model, or swiglu_hidden(d_model) for gated MLPs
+    max_seq_len: int = 256
+    pos: str = "learned"  # learned | sinusoidal | rotary | alibi | none
+    attn_pattern: str = "full"  # full | sliding | strided | fixed
+    attn_window: int = 0  # sliding: keys per query (itself included)
+    attn_block: int = 0  # strided / fixed: block size l
+    attn_summary: int = 1  # fixed: summary columns c per block
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)) (original Transformer)
+    final_norm: bool = True  # a norm before the LM head
+    layer_scale: float | None = None  # LayerScale's initial value; None: off
+    mlp: str = "gelu"  # gelu (plain, any activation) | swiglu | geglu | reglu
+    activation: str | None = None  # None: gelu_tanh for the plain MLP, the gate's own for gated ones
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+    init_scheme: str = "normal"  # normal (GPT-2 scaled residuals) | xavier | kaiming
+    embed_init: str = "normal"  # normal(init_std) | small: U(-1e-4, 1e-4)
+    rope_theta: float = 10000.0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        n_kv = self.n_kv_head or self.n_head
+        if self.n_head % n_kv:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
+        choices = {"pos": ("learned", "sinusoidal", "rotary", "alibi", "none"), "mlp": ("gelu", *GATED),
+                   "attn_pattern": ("full", "sliding", "strided", "fixed"), "norm_position": ("pre", "post"),
+                   "init_scheme": ("normal", "xavier", "kaiming"), "embed_init": ("normal", "small")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.attn_pattern == "sliding" and self.attn_window < 1:
+            raise ValueError("attn_pattern=sliding needs attn_window >= 1 (keys each query sees)")
+        if self.attn_pattern in ("strided", "fixed") and self.attn_block < 1:
+            raise ValueError(f"attn_pattern={self.attn_pattern} needs attn_block >= 1 (block size)")
+        if self.attn_pattern == "fixed" and not 1 <= self.attn_summary <= self.attn_block:
+            raise ValueError(f"attn_summary={self.attn_summary} must be in 1..attn_block={self.attn_block}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return swiglu_hidden(self.d_model) if self.mlp in GATED else 4 * self.d_model
+
+    @property
+    def act(self) -> str:
+        return self.activation or GATED.get(self.mlp, "gelu_tanh")
+
+
+_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)
+_LLAMA = dict(pos="rotary", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5)
+
+# Sizes follow GPT-2 / GPT-3 (Radford et al. 2019, Brown et al. 2020 table 2.1).
+GPT_PRESETS: dict[str, dict] = {
+    "gpt2-tiny": dict(_GPT2, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    "gpt2-small": dict(_GPT2, n_layer=6, n_head=8, d_model=512, max_seq_len=512),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    "gpt2-350m": dict(_GPT2, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
+    "gpt2-760m": dict(_GPT2, n_layer=24, n_head=16, d_model=1536, max_seq_len=1024),
+    "gpt2-1.3b": dict(_GPT2, n_layer=24, n_head=16, d_model=2048, max_seq_len=2048),
+    "llama-tiny": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
+    "llama-small": dict(_LLAMA, n_layer=6, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
+    "llama-124m": dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
+    "llama-350m": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=1024, max_seq_len=2048),
+    "llama-1.3b": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=8, d_model=2048, max_seq_len=2048),
+}
+
+
+# --- BERT --------------------------------------------------------------------------------------
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int | None = None  # None: 4 * d_model
+    max_seq_len: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    activation: str = "gelu"
+    prenorm: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+    pad_id: int = 0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"unknown activation {self.activation!r} (allowed: {', '.join(ACTIVATION_NAMES)})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+# Sizes follow the BERT paper (base) and Turc et al. 2019 ("Well-Read Students", the small BERTs).
+BERT_PRESETS: dict[str, dict] = {
+    "bert-tiny": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    "bert-small": dict(n_layer=4, n_head=8, d_model=512, max_seq_len=512),
+    "bert-base": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=512, dropout=0.1, attn_dropout=0.1),
+    "bert-large": dict(n_layer=24, n_head=16, d_model=1024, max_seq_len=512, dropout=0.1, attn_dropout=0.1),
+}
+
+
+# --- T5 ----------------------------------------------------------------------------------------
+
+FFN_KINDS = ("gated-gelu", "relu")
+
+
+@dataclass
+class T5Config:
+    vocab_size: int
+    n_layer: int = 4  # encoder layers
+    n_decoder_layer: int | None = None  # None: same as n_layer
+    n_head: int = 4
+    d_model: int = 256
+    d_kv: int | None = None  # per-head dim; None: d_model // n_head (T5 allows n_head*d_kv != d_model)
+    d_ff: int | None = None  # None: swiglu_hidden(d_model) for gated-gelu, 4*d_model for relu
+    ffn: str = "gated-gelu"
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    rescale_output: bool | None = None  # None: same as tie_embeddings
+    dropout: float = 0.0
+    init_factor: float = 1.0
+    max_seq_len: int = 512  # longest input the stages feed (relative positions have no hard limit)
+    pad_id: int = 0  # also the decoder start token, as in T5
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"unknown ffn {self.ffn!r} (allowed: {', '.join(FFN_KINDS)})")
+        if self.d_kv is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head} (or set d_kv)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv or self.d_model // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layer or self.n_layer
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return swiglu_hidden(self.d_model) if self.ffn == "gated-gelu" else 4 * self.d_model
+
+    @property
+    def rescale(self) -> bool:
+        return self.tie_embeddings if self.rescale_output is None else self.rescale_output
+
+
+# Sizes of the T5 v1.1 checkpoints (small, base), plus CPU-sized ones.
+T5_PRESETS: dict[str, dict] = {
+    "t5-tiny": dict(n_layer=4, n_head=4, d_model=256, d_ff=640, max_seq_len=256),
+    "t5-mini": dict(n_layer=6, n_head=8, d_model=384, d_kv=48, d_ff=1024, max_seq_len=512),
+    "t5-small": dict(n_layer=8, n_head=6, d_model=512, d_kv=64, d_ff=1024, max_seq_len=512),
+    "t5-base": dict(n_layer=12, n_head=12, d_model=768, d_kv=64, d_ff=2048, max_seq_len=512),
+}
