@@ -437,17 +437,19 @@ def _dispatch(args) -> int:
         stage.run(cfg)
         return 0
     if args.command == "data":
-        from llmstack.stages import data
-
         if args.action == "inspect":
+            from llmstack.stages import data
+
             data.inspect(args.shards_dir, args.tokenizer, samples=args.samples, top=args.top)
             return 0
         from llmstack.config import DataPrepareConfig
 
-        cfg = load_config(DataPrepareConfig, args.config, args.overrides)
+        cfg = load_config(DataPrepareConfig, args.config, args.overrides)  # before the heavy imports
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
+        from llmstack.stages import data
+
         data.prepare(cfg)
         return 0
     if args.command == "checkpoint":

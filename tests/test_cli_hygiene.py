@@ -91,6 +91,7 @@ def test_config_errors_and_help_of_every_training_command_leave_torch_unimported
         ("llmstack", ["ppo", cfg("ppo/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
         ("llmstack", ["grpo", cfg("grpo/demo.yaml"), "train.lr=abc"], 2, "train.lr"),
         ("llmstack", ["tokenizer", "train", cfg("tokenizer/bpe-demo.yaml"), "nosuch=1"], 2, "nosuch"),
+        ("llmstack", ["data", "prepare", cfg("data/demo.yaml"), "data.num_workers=-1"], 2, "data.num_workers"),
         ("llmstack", ["--help"], 0, ""),
         ("llmstack", ["--version"], 0, ""),
         *(("llmstack", [command, "--help"], 0, "") for command in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")),
