@@ -45,6 +45,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -191,6 +192,34 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # Training
+
+
+class VocabShortfallWarning(UserWarning):
+    """Training learned fewer tokens than ``vocab_size`` asked for: the corpus ran out of merges."""
+
+
+def vocab_shortfall(meta: dict, key_prefix: str = "") -> str | None:
+    """Why a trained tokenizer (its metadata) has fewer tokens than its requested ``vocab_size``
+    and what to do about it; None when training reached the requested size. ``key_prefix``
+    (e.g. "tokenizer.") is put before the option names, so they read as the caller's config keys."""
+    short = meta.get("vocab_shortfall")
+    if not short:
+        return None
+    requested, trained, padded = short["requested"], short["trained"], meta["vocab_size"]
+    training = meta.get("training") or {}
+    text = f"the {training.get('chars', 0):,} characters of training text"
+    if meta.get("kind") == "bpe":
+        why = (f"BPE ran out of merges: no pair of adjacent tokens occurs {key_prefix}min_frequency="
+               f"{training.get('min_frequency')} times or more in {text}")
+    else:
+        why = f"SentencePiece found no more pieces to add in {text}"
+    cap = training.get("max_chars")
+    more = (f"raise {key_prefix}max_chars={cap:,} (it cut the text) or train on a larger corpus"
+            if cap and training.get("chars", 0) >= cap else "train on a larger corpus")
+    return (f"{key_prefix}vocab_size is {requested:,} but training learned only {trained:,} tokens "
+            f"({padded:,} after padding to a multiple of {meta.get('pad_to_multiple')}; a model built on "
+            f"this tokenizer embeds {padded:,} tokens): {why}. For the full vocabulary, {more}; "
+            f"else set {key_prefix}vocab_size to {trained:,} or less to get this size on purpose")
 
 
 def _capped(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
@@ -341,6 +370,10 @@ def train_tokenizer(
     ``vocab_size`` counts special tokens; the result is padded with reserved tokens up to a
     multiple of ``pad_to_multiple``. ``max_chars`` caps how much text is read. ``min_frequency``
     applies to ``bpe`` only (SentencePiece has no such option).
+
+    A corpus too small for ``vocab_size`` (BPE runs out of pairs to merge) gives a smaller
+    vocabulary, not an error: the metadata records ``vocab_shortfall`` and a
+    :class:`VocabShortfallWarning` says so (:func:`vocab_shortfall` words it).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
@@ -415,13 +448,18 @@ def train_tokenizer(
         "num_sentinels": num_sentinels,
         "num_reserved": len(reserved),
         "hf_add_special_tokens": "adds nothing (llmstack inserts BOS/EOS in the data pipeline)",
-        "training": {"chars": counter["chars"], "seconds": round(seconds, 3), "min_frequency": min_frequency},
+        "training": {"chars": counter["chars"], "seconds": round(seconds, 3), "min_frequency": min_frequency,
+                     "max_chars": max_chars},
+        # learned fewer tokens than asked for (the corpus ran out of merges); null when it did not
+        "vocab_shortfall": {"requested": vocab_size, "trained": trained} if trained < vocab_size else None,
         "hash": tokenizer_hash(out),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.replace(out, final)
+    if message := vocab_shortfall(meta):
+        warnings.warn(message, VocabShortfallWarning, stacklevel=2)
     return Tokenizer(final)
 
 

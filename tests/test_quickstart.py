@@ -8,6 +8,7 @@ the report and the plots; each stage's own quality is tested in its own test fil
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -60,11 +61,30 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{name}.png)" in text
 
+    # the output ends saying where the report and the plots are (paths relative to where it ran)
+    *_, plots_line, last = proc.stdout.rstrip("\n").splitlines()
+    assert last == "report: qs/report.md"
+    assert plots_line == "plots: " + ", ".join(f"qs/plots/{n}.png" for n in sorted(STAGES))
+    # the evaluation (child processes) shows per-model progress on stderr
+    for i, name in enumerate(("pretrain", "sft", "ppo", "dpo"), start=1):
+        line = rf"^eval {i}/4: {name} .* in [0-9.]+ s, [0-9.]+ s/model, eta [0-9]+s$"
+        assert re.search(line, proc.stderr, re.M), name
+    # chance level next to each multiple-choice score (demo_mc: 4 choices)
+    assert "| eval | sft: demo_mc acc / acc_norm (chance level) |" in text and "(0.250) |" in text
+    # DPO before training: the policy is the reference, every pair ties: 0.5, not 0
+    dpo = report["stages"]["dpo"]
+    assert dpo["val_accuracy_before"] == 0.5 and dpo["val_ties_before"] == 1.0
+    assert "| dpo | held-out tied pairs before -> after | 100.0% -> " in text
+    # held-out pretraining text gets less likely after SFT: said, with the reason
+    ppl = {name: evals[name]["tasks"]["ppl:builtin:validation"]["perplexity"] for name in evals}
+    assert ppl["sft"] > ppl["pretrain"]
+    assert "rises after SFT" in text and "another distribution" in text
+
 
 def test_pretrain_only_stops_after_pretraining(tmp_path):
     out = tmp_path / "qs"
-    run_cmd([str(BIN / "llmstack"), "quickstart", "--out", str(out), "--steps", "20", "--pretrain-only"],
-            cwd=tmp_path, env=child_env(OMP_NUM_THREADS=2), timeout=600)
+    proc = run_cmd([str(BIN / "llmstack"), "quickstart", "--out", str(out), "--steps", "20", "--pretrain-only"],
+                   cwd=tmp_path, env=child_env(OMP_NUM_THREADS=2), timeout=600)
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"pretrain"}
     assert (out / "pretrain" / "checkpoints" / "latest").exists()
@@ -72,3 +92,4 @@ def test_pretrain_only_stops_after_pretraining(tmp_path):
     text = (out / "report.md").read_text()
     assert "| pretrain |" in text and "| sft |" not in text
     assert (out / "plots" / "pretrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.rstrip("\n").splitlines()[-2:] == ["plots: qs/plots/pretrain.png", "report: qs/report.md"]

@@ -8,7 +8,9 @@ calls: start the run (train/run.py) -> tokenizer -> model (under ZeRO-3 init) ->
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,13 +48,17 @@ def train_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
     t0 = time.perf_counter()
     env.print0(f"training {tok.kind} tokenizer (vocab {tok.vocab_size}) on {', '.join(s.path for s in srcs)} -> {tok.path}")
     try:
-        out = tokenization.train_tokenizer(
-            source_texts(srcs), tok.path, kind=tok.kind, vocab_size=tok.vocab_size,
-            min_frequency=tok.min_frequency, num_sentinels=tok.num_sentinels, max_chars=tok.max_chars,
-        )
+        with warnings.catch_warnings():  # said once, below, as one line naming the config keys
+            warnings.simplefilter("ignore", tokenization.VocabShortfallWarning)
+            out = tokenization.train_tokenizer(
+                source_texts(srcs), tok.path, kind=tok.kind, vocab_size=tok.vocab_size,
+                min_frequency=tok.min_frequency, num_sentinels=tok.num_sentinels, max_chars=tok.max_chars,
+            )
     except ValueError as e:
         raise UsageError(f"tokenizer: {e}") from None
     env.print0(f"tokenizer: {out.vocab_size} tokens, hash {out.hash}, {time.perf_counter() - t0:.1f}s")
+    if tokenization.vocab_shortfall(out.meta):  # e.g. a 50k vocabulary asked of a small corpus
+        print(f"warning: {tokenization.vocab_shortfall(out.meta, 'tokenizer.')}", file=sys.stderr, flush=True)
     return out
 
 

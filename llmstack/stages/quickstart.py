@@ -11,8 +11,9 @@ code and demo config (configs/<stage>/) a user runs by hand, chained through che
     eval: held-out perplexity and the demo multiple-choice task for the pretrained, SFT, PPO and
           DPO models (through `llmstack-eval`, which sits above the library).
 
-Writes OUT/report.md (a table of every stage's metrics, PNG curves under OUT/plots/ made from
-each run's metrics.jsonl) and OUT/report.json. Starts fresh every time. `--scale` shrinks every
+Writes OUT/report.md (a table of every stage's metrics with notes on reading them, PNG curves
+under OUT/plots/ made from each run's metrics.jsonl) and OUT/report.json, prints the report and
+ends with the plots' paths and, last, `report: OUT/report.md`. Starts fresh every time. `--scale` shrinks every
 stage's step count (a smoke run of the wiring); the default is the demo as documented.
 `--pretrain-only` stops after the tokenizer and pretraining (about 2 minutes on 2 cores).
 """
@@ -31,10 +32,23 @@ from llmstack.config import PretrainConfig, load_config
 from llmstack.distributed import env
 from llmstack.errors import UsageError
 from llmstack.stages import common, pretrain
-from llmstack.stages.report import write_report
+from llmstack.stages.report import chance_level, write_report
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EVAL_TASKS = ("ppl:builtin:validation", "demo_mc")
+EVAL_MODELS = ("pretrain", "sft", "ppo", "dpo")
+
+# What each stage's plot panels show, with units (report.PANELS names the panels).
+PLOT_LABELS = {
+    "pretrain": {"loss": "loss (nats/token)"},
+    "sft": {"loss": "response loss (nats/token)"},
+    "rm": {"loss": "pairwise loss (nats/pair)", "margin": "reward margin, chosen - rejected (reward-model score)"},
+    "ppo": {"loss": "clipped policy loss (per token)",
+            "reward": "reward per response (RM score - missing-stop penalty)"},
+    "dpo": {"loss": "DPO loss (nats/pair)", "accuracy": "pairwise accuracy (ties count 0.5)",
+            "margin": "implicit reward margin (beta x nats)"},
+    "grpo": {"loss": "clipped policy loss (per token)", "reward": "verifier reward (per completion)"},
+}
 
 
 def stage_table():
@@ -79,9 +93,10 @@ def banner(text: str) -> None:
 
 def evaluate(model: str, out_json: Path) -> dict:
     """`llmstack-eval` on the quickstart's tasks, in a child process (the eval suite sits above the
-    library, which never imports it)."""
+    library, which never imports it). Per-sample results are logged: a multiple-choice task's
+    chance level comes from its samples' choices."""
     cmd = [sys.executable, "-m", "eval", "--model", model, "--tasks", ",".join(EVAL_TASKS),
-           "--output", str(out_json), "--batch-size", "16", "--no-progress"]
+           "--output", str(out_json), "--batch-size", "16", "--no-progress", "--log-samples"]
     child = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                                "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(cmd, env=child, capture_output=True, text=True)
@@ -157,9 +172,19 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
     banner("7/7 evaluation")
     evals = {}
     t0 = time.perf_counter()
-    for name in ("pretrain", "sft", "ppo", "dpo"):
+    for i, name in enumerate(EVAL_MODELS, start=1):  # a child process each: progress between them
+        t1 = time.perf_counter()
         evals[name] = evaluate(ckpts[name], out_dir / "eval" / f"{name}.json")
+        now = time.perf_counter()
+        print(f"eval {i}/{len(EVAL_MODELS)}: {name} ({', '.join(EVAL_TASKS)}) in {now - t1:.1f} s, "
+              f"{(now - t0) / i:.1f} s/model, eta {(now - t0) / i * (len(EVAL_MODELS) - i):.0f}s",
+              file=sys.stderr, flush=True)
     seconds["eval"] = round(time.perf_counter() - t0, 1)
+    chance = {task: chance_level(res) for task, res in evals["pretrain"]["tasks"].items()}
+    chance = {task: c for task, c in chance.items() if c is not None}  # the multiple-choice tasks
+    for res in evals.values():  # the per-sample records stay in eval/<model>.json
+        for task_result in res["tasks"].values():
+            task_result.pop("samples", None)
     report["stages"]["eval"] = evals
     report["seconds"] = {**seconds, "total": round(time.perf_counter() - t_start, 1)}
 
@@ -180,24 +205,61 @@ def run(out: str = "runs/quickstart", steps: int = 300, scale: float = 1.0, pret
                 f"{ppo['time_generate']:.2f} / {ppo['time_score']:.2f} / {ppo['time_train']:.2f}",
             "seconds": seconds["ppo"]}},
         {"name": "dpo", "run_dir": cfgs["dpo"].run.path, "metrics": {
-            "held-out accuracy before -> after": f"{dpo['val_accuracy_before']:.3f} -> {dpo['val_accuracy']:.3f}",
+            "held-out accuracy before -> after (a tie counts 0.5)":
+                f"{dpo['val_accuracy_before']:.3f} -> {dpo['val_accuracy']:.3f}",
+            "held-out tied pairs before -> after": f"{dpo['val_ties_before']:.1%} -> {dpo['val_ties']:.1%}",
             "held-out implicit reward margin before -> after": f"{dpo['val_margin_before']:.4f} -> {dpo['val_margin']:.4f}",
-            "seconds": seconds["dpo"]}},
+            "seconds": seconds["dpo"]},
+         "notes": ["DPO accuracy: the fraction of held-out pairs whose chosen answer gets the higher implicit "
+                   "reward beta log(pi/pi_ref). A pair whose two rewards are equal is a tie and counts 0.5, "
+                   "neither a win nor a loss: before training the policy is the reference, so every pair ties "
+                   "and accuracy is 0.5, the level of a guess."]},
         {"name": "grpo", "run_dir": cfgs["grpo"].run.path, "metrics": {
             "mean verifiable reward first -> last steps": f"{grpo['reward_first']:.3f} -> {grpo['reward_last']:.3f}",
             "max sampler vs trainer log-prob gap": f"{grpo['logp_gap_max']:.2e}", "seconds": seconds["grpo"]}},
         {"name": "eval", "run_dir": None, "metrics": {
             **{f"{name}: held-out token perplexity": task_metric(r, ppl_task, "perplexity") for name, r in evals.items()},
-            **{f"{name}: demo_mc acc / acc_norm": f"{task_metric(r, 'demo_mc', 'acc'):.3f} / "
-               f"{task_metric(r, 'demo_mc', 'acc_norm'):.3f}" for name, r in evals.items()},
-            "seconds": seconds["eval"]}},
+            **{f"{name}: {task} acc / acc_norm (chance level)": f"{task_metric(r, task, 'acc'):.3f} / "
+               f"{task_metric(r, task, 'acc_norm'):.3f} ({c:.3f})" for task, c in chance.items()
+               for name, r in evals.items()},
+            "seconds": seconds["eval"]},
+         "notes": eval_notes(evals, ppl_task, chance)},
     ]
     return _finish(out_dir, report, intro, stages)
 
 
+def eval_notes(evals: dict, ppl_task: str, chance: dict[str, float]) -> list[str]:
+    """What the eval rows mean: chance levels, and why held-out perplexity rises after SFT."""
+    notes = [f"Chance level of {task}: 1 / (number of choices) averaged over its samples, {c:.3f}; an accuracy "
+             "near it is no better than guessing." for task, c in chance.items()]
+    ppl = {name: task_metric(r, ppl_task, "perplexity") for name, r in evals.items()}
+    if all(isinstance(v, (int, float)) for v in ppl.values()) and ppl["sft"] > ppl["pretrain"]:
+        notes.append(
+            f"Perplexity is measured on held-out pretraining text ({ppl_task}). It rises after SFT "
+            f"({ppl['pretrain']:.1f} -> {ppl['sft']:.1f}) because the SFT model is fine-tuned on another "
+            "distribution, chat-formatted questions and answers, so held-out pretraining text becomes less "
+            "likely under it. This is expected, not a regression: what SFT improves is the response loss in the "
+            "sft rows. PPO and DPO start from the SFT model, so the same holds for them.")
+    return notes
+
+
+def shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _finish(out_dir: Path, report: dict, intro: list[str], stages: list[dict]) -> dict:
     intro = [*intro, f"Wall time: {report['seconds']['total']} s in total."]
+    for stage in stages:
+        stage.setdefault("plot_labels", PLOT_LABELS.get(stage["name"]))
     path = write_report(out_dir, "llmstack quickstart", intro, stages)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(path.read_text())
+    plots = sorted((out_dir / "plots").glob("*.png"))
+    if plots:
+        print("plots: " + ", ".join(shown(p) for p in plots))
+    print(f"report: {shown(path)}", flush=True)  # the last line: where to look
     return report

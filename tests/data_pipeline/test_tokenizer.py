@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import warnings
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from data_pipeline.sources import builtin_texts
 from data_pipeline.tokenizer import (
     META_FILE,
     SP_MODEL_FILE,
+    VocabShortfallWarning,
     load_tokenizer,
     min_vocab_size,
     tokenizer_hash,
@@ -194,3 +196,28 @@ def test_sentencepiece_parity(sp_dir, val_texts):
     assert tok.decode(tok.encode("a\u2581b")) == "a b"
     assert tok.encode(SPECIALS_IN_TEXT)[0] == tok.bos_id
     assert tok.decode(tok.encode(SPECIALS_IN_TEXT)) == SPECIALS_IN_TEXT
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp_bpe"])
+def test_vocabulary_shortfall_is_warned_and_recorded(tmp_path, kind):
+    # A few sentences hold far fewer mergeable pairs than a 5,000-token vocabulary needs: training
+    # stops early, which must be said (both numbers, why, what to do) and recorded.
+    texts = ["the quick brown fox jumps over the lazy dog\n" * 3, "pack my box with five dozen liquor jugs\n"] * 20
+    with pytest.warns(VocabShortfallWarning) as caught:
+        tok = train_tokenizer(texts, tmp_path / "short", kind=kind, vocab_size=5000, num_sentinels=0)
+    meta = json.loads((tmp_path / "short" / META_FILE).read_text())
+    trained = meta["trained_vocab_size"]
+    assert trained < 5000
+    assert meta["vocab_shortfall"] == {"requested": 5000, "trained": trained}
+    assert tok.vocab_size == meta["vocab_size"] == -(-trained // 64) * 64  # the real vocabulary, padded
+    message = str(caught[0].message)
+    assert "vocab_size is 5,000" in message and f"learned only {trained:,} tokens" in message
+    assert f"embeds {tok.vocab_size:,} tokens" in message
+    assert ("ran out of merges" if kind == "bpe" else "no more pieces") in message
+    assert "larger corpus" in message and f"vocab_size to {trained:,} or less" in message
+
+    # asking for what the corpus supports: no warning, nothing recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VocabShortfallWarning)
+        train_tokenizer(texts, tmp_path / "exact", kind=kind, vocab_size=trained, num_sentinels=0)
+    assert json.loads((tmp_path / "exact" / META_FILE).read_text())["vocab_shortfall"] is None

@@ -2,7 +2,8 @@
 
 import json
 
-from llmstack.stages.report import read_metrics, series, write_report
+from llmstack.stages.quickstart import eval_notes
+from llmstack.stages.report import chance_level, plot_panels, read_metrics, series, write_report
 
 
 def write_metrics(run_dir, rows):
@@ -36,3 +37,46 @@ def test_report_has_table_and_valid_pngs(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](plots/{name}.png)" in text
     assert not (tmp_path / "out" / "plots" / "eval.png").exists()
+
+
+def test_plot_panels_are_titled_with_stage_metric_and_unit(tmp_path, monkeypatch):
+    rows = [{"step": s, "loss": 3.0 - s / 10, "accuracy": 0.5 + s / 20} for s in range(1, 5)]
+    rows.append({"step": 4, "val_loss": 2.6})
+    panels = plot_panels("pretrain", rows, {"loss": "loss (nats/token)"})
+    assert [(title, keys) for title, _, keys in panels] == [
+        ("pretrain: loss (nats/token) vs step", ["loss", "val_loss"]),
+        ("pretrain: pairwise accuracy (fraction of pairs) vs step", ["accuracy"]),
+    ]
+    # the titles are what the saved figure shows
+    from matplotlib.figure import Figure
+
+    seen, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.extend(ax.get_title() for ax in fig.axes),
+                                                                 save(fig, *a, **k)))
+    write_metrics(tmp_path / "pre", rows)
+    write_report(tmp_path / "out", "demo", [], [{"name": "pretrain", "run_dir": tmp_path / "pre", "metrics": {},
+                                                 "plot_labels": {"loss": "loss (nats/token)"}}])
+    assert seen == [title for title, _, _ in panels]
+
+
+def test_chance_level_is_one_over_the_choices_of_each_sample():
+    four = {"choices": ["a", "b", "c", "d"]}
+    assert chance_level({"samples": [four, four]}) == 0.25
+    assert chance_level({"samples": [four, {"choices": ["a", "b"]}]}) == (0.25 + 0.5) / 2
+    assert chance_level({"perplexity": 12.0, "samples": [{"loglikelihood": -3.0}]}) is None  # not multiple choice
+    assert chance_level({"acc": 0.3}) is None  # no per-sample record
+
+
+def test_eval_notes_explain_chance_and_perplexity_rising_after_sft():
+    def res(ppl):
+        return {"tasks": {"ppl:x": {"perplexity": ppl}}}
+
+    notes = eval_notes({"pretrain": res(280.0), "sft": res(630.0), "ppo": res(660.0), "dpo": res(700.0)},
+                       "ppl:x", {"demo_mc": 0.25})
+    assert any("Chance level of demo_mc" in n and "0.250" in n for n in notes)
+    rise = [n for n in notes if "rises after SFT" in n]
+    assert len(rise) == 1 and "280.0 -> 630.0" in rise[0]
+    assert "another distribution" in rise[0] and "not a regression" in rise[0]
+    # no claim of a rise that did not happen
+    notes = eval_notes({"pretrain": res(300.0), "sft": res(290.0), "ppo": res(1.0), "dpo": res(1.0)}, "ppl:x", {})
+    assert not any("rises" in n for n in notes)
