@@ -143,7 +143,11 @@ def validation_batches(data: DataConfig, sources: list[Source], tokenizer, seed:
                        on_error=data.on_error, report=_report)
         out = []
         for _ in range(batches):
-            batch = next(whole)
+            batch = next(whole, None)
+            if batch is None:
+                raise UsageError(f"validation data: only {len(out)} batches of {micro_batch * world} x {data.seq_len} "
+                                 f"tokens, train.eval_batches={batches} asks for more: lower train.eval_batches or "
+                                 f"train.micro_batch, or give more validation text (data.val_sources)")
             out.append({k: v[rank::world] for k, v in batch.items()})
         return out
     except DataError as e:
