@@ -328,13 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and DPO -> GRPO (verifiable arithmetic rewards) -> eval, each stage with its demo config "
                         "from configs/. Writes OUT/report.md "
                         "(a table of every stage's metrics, PNG curves in OUT/plots/) and OUT/report.json. "
-                        "About 7 minutes on 2 CPU cores.")
+                        "About 9.5 minutes on 2 CPU cores.")
     qs.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
     qs.add_argument("--steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
     qs.add_argument("--scale", type=float, default=1.0,
                     help="multiply every later stage's steps by this (0 < F <= 1; a smoke run of the wiring)")
     qs.add_argument("--pretrain-only", action="store_true",
-                    help="stop after the tokenizer and pretraining (about 2 minutes on 2 CPU cores)")
+                    help="stop after the tokenizer and pretraining (about 2.5 minutes on 2 CPU cores)")
     return parser
 
 

@@ -15,7 +15,7 @@ Writes OUT/report.md (a table of every stage's metrics with notes on reading the
 under OUT/plots/ made from each run's metrics.jsonl) and OUT/report.json, prints the report and
 ends with the plots' paths and, last, `report: OUT/report.md`. Starts fresh every time. `--scale` shrinks every
 stage's step count (a smoke run of the wiring); the default is the demo as documented.
-`--pretrain-only` stops after the tokenizer and pretraining (about 2 minutes on 2 cores).
+`--pretrain-only` stops after the tokenizer and pretraining (about 2.5 minutes on 2 cores).
 """
 
 from __future__ import annotations
