@@ -358,5 +358,5 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def print_table(results: dict, file=sys.stdout) -> None:
-    print(format_table(results), file=file, flush=True)
+def print_table(results: dict, file=None) -> None:
+    print(format_table(results), file=file or sys.stdout, flush=True)  # sys.stdout as it is at the call

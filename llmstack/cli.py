@@ -117,10 +117,23 @@ def _print_to_stderr(stdout, *args, file=None, **kwargs):
     builtins.print(*args, file=file, **kwargs)
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time of the write (a handler keeps its stream: a
+    stream swapped in for a while, then closed, must not stay the handler's)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _logger_to_stderr(module) -> None:
     for h in getattr(module, "logger", logging.getLogger("DeepSpeed")).handlers:
-        if type(h) is logging.StreamHandler:
-            h.setStream(sys.stderr)
+        if type(h) is logging.StreamHandler and not isinstance(h.stream, _CurrentStderr):
+            with contextlib.suppress(ValueError, OSError):  # the old stream may be closed by now
+                h.flush()
+            h.stream = _CurrentStderr()  # (setStream would flush the old stream unguarded)
 
 
 @contextlib.contextmanager
