@@ -377,6 +377,13 @@ def _main(argv: list[str] | None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os._exit(2)  # the peers wait in a collective: leave now, the launcher stops them
+        if entry and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch.distributed" in sys.modules:
+            # every rank met this error (after the same collectives): leave without interpreter
+            # finalization, where the process group's worker threads can abort the process
+            # ("terminate called without an active exception", see env.exit_after_group)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except TrainingStopped as e:
         # Divergence (3) or a stop signal (75): every rank decided it at the same step, after the
