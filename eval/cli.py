@@ -5,9 +5,12 @@
     deepspeed --num_gpus 8 --module eval --model ... --tasks ...      (data-parallel; also torchrun / accelerate launch -m eval)
     llmstack-eval harness --model llmstack --model_args checkpoint=runs/... --tasks hellaswag
 
-Tasks: builtin task names (`--tasks list` shows them), task YAML files, and `ppl:SOURCE` (rolling
-perplexity of a text source). The model is a checkpoint of any ZeRO stage, a consolidated or
-imported directory, or a Hugging Face GPT-2 / LLaMA directory. Prints a table; `--output`
+Tasks: builtin task names (`--tasks list` shows them), task YAML files, and `ppl:SOURCE`
+(perplexity of a text source, each document on its own by default, as the harness's
+loglikelihood_rolling; `--ppl-mode stream` for one concatenated stream). The model is a checkpoint
+of any ZeRO stage, a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA
+directory; llmstack T5 (loglikelihood, multiple choice, generation) and BERT (pseudo-perplexity)
+models too. Chat models: --apply-chat-template. Prints a table; `--output`
 writes the results JSON (config, model and tokenizer hashes, metrics with standard errors,
 per-sample log-likelihoods with `--log-samples`).
 """
