@@ -318,9 +318,8 @@ class Probe:
         self.rec("matmul", out)
 
     def _doc_mask(self, B, T, mean_len=600):
-        """(B, 1, T, T) "may attend" mask and (B, T) positions of packed documents, built as
-        data_pipeline.stream.Loader builds them (same document and not in the future); document
-        lengths ~ exponential(mean_len), at least 8."""
+        """(B, T) segment ids and (B, T) positions of packed documents, as
+        data_pipeline.stream.Loader builds them; document lengths ~ exponential(mean_len), at least 8."""
         torch = self.torch
         g = torch.Generator().manual_seed(0)
         seg = torch.empty(B, T, dtype=torch.long)
@@ -332,8 +331,7 @@ class Probe:
                 seg[b, t:t + n] = d
                 pos[b, t:t + n] = torch.arange(min(n, T - t))
                 t, d = t + n, d + 1
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None].to(self.dev), pos.to(self.dev)
+        return seg.to(self.dev), pos.to(self.dev)
 
     def _kernels(self, fn) -> list[str]:
         """The SDPA implementations (aten ops) that run in fn(), forward and backward."""
@@ -366,17 +364,22 @@ class Probe:
         shapes = [(2, 128)] if self.smoke else [(16, 1024), (4, 4096)]
         out = {}
         for B, T in shapes:
-            mask, _ = self._doc_mask(B, T, mean_len=40 if self.smoke else 600)
+            seg, _ = self._doc_mask(B, T, mean_len=40 if self.smoke else 600)
+            mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=self.dev).tril())[:, None]
             q, k, v = (torch.randn(B, H, T, D, device=self.dev, dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             row = {"doc_mask_density": round(mask.float().mean().item(), 3)}
-            for mode, kw in (("causal", dict(causal=True)), ("packed_docs", dict(causal=True, mask=mask))):
+            modes = (("causal", dict(causal=True)),
+                     ("packed_docs", dict(causal=True, mask=layers.SegmentPlan(seg))),  # FlexAttention on CUDA
+                     ("packed_docs_gather", dict(causal=True, mask=layers.SegmentPlan(seg, use_flex=False))),
+                     ("packed_docs_dense_reference", dict(causal=True, mask=mask)))
+            for mode, kw in modes:
                 def step():
                     layers.attention(q, k, v, **kw).sum().backward()
                 kernels = self._kernels(step)
                 allowed = {}
                 for be in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
-                    if not hasattr(SDPBackend, be):
+                    if not hasattr(SDPBackend, be) or not isinstance(kw.get("mask"), (type(None), torch.Tensor)):
                         continue
                     try:
                         with sdpa_kernel([getattr(SDPBackend, be)]), torch.no_grad():
@@ -389,7 +392,7 @@ class Probe:
                 q.grad = k.grad = v.grad = None
             out[f"B{B}_T{T}_H{H}_D{D}_bf16"] = row
             self.rec("sdpa", out)
-            del mask, q, k, v
+            del mask, seg, q, k, v
 
     def _model(self, preset: str, V: int, **overrides):
         torch = self.torch
@@ -415,8 +418,8 @@ class Probe:
             x = torch.randint(0, V, (B, T), device=self.dev)
             extra = {}
             if docs:
-                mask, pos = self._doc_mask(B, T, mean_len=40 if self.smoke else 600)
-                extra = {"attn_mask": mask, "position_ids": pos}
+                seg, pos = self._doc_mask(B, T, mean_len=40 if self.smoke else 600)
+                extra = {"segment_ids": seg, "position_ids": pos}
 
             def step():
                 m(x, labels=x, **extra).backward()

@@ -234,7 +234,8 @@ def sft_collate(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], *, pad_
 
     Returns input_ids, labels (B, T) padded on the right with pad_id / IGNORE to `length`
     (default: the longest row). With `packed`, also position_ids (B, T), restarting at 0 for
-    every conversation, and attn_mask (B, 1, T, T): causal and within one conversation, so packed
+    every conversation, and segment_ids (B, T): the conversation index of each position (-1 for
+    padding), from which the model attends causally within one conversation, so packed
     conversations never attend to each other (pad positions attend to the pad run they sit in).
     Without it (one conversation per row, right padding) causal attention alone already keeps
     real tokens away from the pads after them.
@@ -258,7 +259,6 @@ def sft_collate(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], *, pad_
         position_ids[b, t:] = np.arange(T - t)
     out = {"input_ids": input_ids, "labels": labels}
     if packed:
-        causal = np.tril(np.ones((T, T), dtype=bool))
         out["position_ids"] = position_ids
-        out["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        out["segment_ids"] = seg
     return out

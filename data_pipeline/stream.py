@@ -87,7 +87,7 @@ class StreamConfig:
     bos: bool = False
     shuffle: bool = True  # a new seeded unit (file) order each epoch
     shuffle_windows: int = 64  # each stream emits its windows in seeded random order within blocks of this many
-    doc_mask: bool = False  # emit position_ids + attn_mask (does not change the order)
+    doc_mask: bool = False  # emit position_ids + segment_ids (does not change the order)
 
 
 def fingerprint(sources: list[Source], cfg: StreamConfig, tokenizer_hash: str) -> tuple[str, dict]:
@@ -283,8 +283,8 @@ class Loader:
     """One rank's micro-batches of the global order, with a resumable state and statistics.
 
     ``next(loader)`` is a dict of tensors: input_ids, labels (B, T); with doc_mask also
-    position_ids (B, T) and attn_mask (B, 1, T, T) (True where a token may attend: same
-    document and not in the future). ``state_dict()`` is this rank's part of the state; merge
+    position_ids (B, T) (restarting in every document) and segment_ids (B, T) (a token attends
+    to the earlier tokens with its own id; see models.layers.SegmentPlan). ``state_dict()`` is this rank's part of the state; merge
     all ranks' parts with :func:`merge_states` and pass the result as ``state`` to resume on any
     number of ranks and workers.
     """
@@ -372,11 +372,9 @@ class Loader:
         tokens = torch.from_numpy(np.stack([it["tokens"] for it in items])).long()
         batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
         if self.cfg.doc_mask:
-            seg = torch.from_numpy(np.stack([it["seg"] for it in items]))
-            T = seg.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            # segment ids, not a (B, 1, T, T) mask: the model attends within documents from them
             batch["position_ids"] = torch.from_numpy(np.stack([it["pos"] for it in items])).long()
-            batch["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+            batch["segment_ids"] = torch.from_numpy(np.stack([it["seg"] for it in items])).long()
         if self.with_meta:
             for key, name in (("s", "stream"), ("k", "index"), ("src", "source")):
                 batch[name] = torch.tensor([it[key] for it in items])
@@ -424,6 +422,23 @@ def _subset(log: ErrorLog, files: list[str]) -> ErrorLog:
 
 def _suggest(n: int) -> int:
     return max(64, n) if max(64, n) % n == 0 else n * -(-64 // n)
+
+
+MAX_AUTO_WORKERS = 4  # tokenizing a few streams per worker keeps up with a GPU; more only costs memory
+
+
+def auto_workers(streams: int, world: int, cores: int, reserved: int, cap: int = MAX_AUTO_WORKERS) -> int:
+    """Loader workers for a rank with `cores` cores of which it computes with `reserved` threads:
+    the cores left over, at most `cap`, lowered to a divisor of the rank's streams count
+    (streams / world), so that streams stays a multiple of world x workers; 0 when no core is
+    spare, or when world does not divide streams (Loader reports that). The batches do not
+    depend on the number of workers (module doc), so the choice changes speed only."""
+    if world < 1 or streams % world:
+        return 0
+    per_rank, n = streams // world, min(cap, cores - reserved)
+    while n > 0 and per_rank % n:
+        n -= 1
+    return max(n, 0)
 
 
 def merge_states(states: Iterable[dict]) -> dict:

@@ -72,18 +72,28 @@ class DataConfig(Strict):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:train")])
     val_sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin:validation")])
     seq_len: int = Field(256, ge=8)
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (data prepare: processes)")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes per rank; auto: the rank's spare cores (cores / local ranks "
+        "minus its compute threads), at most 4, dividing streams / world; 0 when none spare (data prepare: "
+        "processes; auto: every available core)")
     on_error: Literal["skip", "fail"] = "skip"
     streams: int = Field(64, ge=1, description="fixed parallel streams of the global order; a multiple of "
                          "world size x max(num_workers, 1); changing it changes the order")
     bos: bool = Field(False, description="start every document with BOS (EOS always ends it)")
-    doc_mask: bool = Field(False, description="packed documents do not attend to each other (position_ids + attn_mask)")
+    doc_mask: bool = Field(False, description="packed documents do not attend to each other (position_ids + segment_ids; no dense mask)")
     shuffle: bool = Field(True, description="a new seeded file order every epoch")
     shuffle_windows: int = Field(64, ge=1, description="each stream emits its sequences in seeded random order within "
                                  "blocks of this many (1: in document order)")
     max_record_bytes: int = Field(64 << 20, ge=1, description="pretraining and `data prepare`: a JSONL line longer "
                                   "than this is a bad record (skipped and counted as too_long, or exit 2 with "
                                   "on_error=fail) instead of being held in memory whole")
+
+    @field_validator("num_workers", mode="plain")
+    @classmethod
+    def _workers(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("must be 'auto' or a whole number >= 0 (0: no worker processes)")
 
 
 class PrepareDataConfig(DataConfig):

@@ -23,8 +23,8 @@ V = 97
 class PlainPolicyLM(PolicyLM):
     """The reference: every position's (B, T, V) logits, upcast, log_softmax, gather."""
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, *, start=1, temperature=1.0, with_entropy=False):
-        h = self.hidden_states(input_ids, position_ids, attn_mask)[:, start - 1:-1]
+    def forward(self, input_ids, position_ids=None, segment_ids=None, *, start=1, temperature=1.0, with_entropy=False):
+        h = self.hidden_states(input_ids, position_ids, segment_ids=segment_ids)[:, start - 1:-1]
         logits = self.lm_head(h).float() / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, input_ids[:, start:, None]).squeeze(-1)

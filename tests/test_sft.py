@@ -175,7 +175,8 @@ def test_packed_conversation_logits_equal_its_logits_alone(tok, preset):
     assert max(len(r) for r in rows) >= 3  # several conversations share a row
     batch = {k: torch.from_numpy(v) for k, v in sft_collate([[ex[i] for i in r] for r in rows], pad_id=tok.pad_id).items()}
     with torch.no_grad():
-        packed = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"])
+        assert "attn_mask" not in batch and batch["segment_ids"].shape == batch["input_ids"].shape
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
         for b, row in enumerate(rows):
             t = 0
             for i in row:

@@ -41,6 +41,70 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """Processes of this job on this machine: torchrun's LOCAL_WORLD_SIZE, the deepspeed
+    launcher's LOCAL_SIZE, else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, SLURM's cpusets), lowered to a
+    cgroup CPU quota where one is set (containers): os.cpu_count() counts the whole machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by the cgroup quota (v2 cpu.max, v1 cfs_quota_us / cfs_period_us), rounded
+    up; None when unlimited or unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else -(-int(quota) // int(period))
+    with contextlib.suppress(OSError, ValueError):
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else -(-quota // period)
+    return None
+
+
+def cores_per_process(cores: int | None = None, local_world: int | None = None) -> int:
+    """This process's share of the machine's cores: cores / local processes, at least 1
+    (the same rule launch/*.sh use for OMP_NUM_THREADS)."""
+    cores = available_cores() if cores is None else cores
+    local_world = local_world_size() if local_world is None else local_world
+    return max(1, cores // max(1, local_world))
+
+
+def set_host_threads(environ=os.environ) -> int | None:
+    """Give this process its share of the cores as compute threads when the user did not choose.
+
+    With OMP_NUM_THREADS unset, torch (and the OpenMP runtime of DeepSpeed's CPU Adam, used for
+    zero.offload_optimizer) start one thread per core in *every* process, so N local ranks
+    oversubscribe the CPU N times; one thread each starves CPU Adam instead. Several local
+    processes get cores / local processes threads each (set in the environment too, for OpenMP
+    runtimes loaded later); a process alone keeps torch's default. OMP_NUM_THREADS, when set
+    (the launch scripts set it, and torchrun sets 1 when it is unset), is left as it is.
+    Returns the number set, or None."""
+    if environ.get("OMP_NUM_THREADS") or local_world_size() <= 1:
+        return None
+    n = cores_per_process()
+    environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def to_device(batch: dict, dev: torch.device | None = None) -> dict:
+    """A batch of CPU tensors on this rank's device. On CUDA each tensor is first put in pinned
+    (page-locked) host memory, so the copy is an asynchronous DMA (non_blocking) and the host
+    goes on to make the next micro-batch meanwhile; from pageable memory the copy would make the
+    host wait. The caching host allocator keeps a pinned buffer until its copy is done."""
+    dev = device() if dev is None else dev
+    if dev.type != "cuda":
+        return {k: v.to(dev) for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(dev, non_blocking=True) for k, v in batch.items()}
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -75,6 +139,7 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    set_host_threads()  # before any compute, and before DeepSpeed's CPU Adam loads its OpenMP runtime
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():

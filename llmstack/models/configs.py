@@ -55,11 +55,15 @@ class GPTConfig:
     init_scheme: str = "normal"  # normal (GPT-2 scaled residuals) | xavier | kaiming
     embed_init: str = "normal"  # normal(init_std) | small: U(-1e-4, 1e-4)
     rope_theta: float = 10000.0
+    # rotary frequency scaling for contexts beyond the pretraining one (see ROPE_SCALING); None: off
+    rope_scaling: dict | None = None
+    qkv_bias: bool | None = None  # None: same as bias; true with bias=false: Qwen2's q/k/v-only biases
     activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        check_rope_scaling(self.rope_scaling, self.pos)
         n_kv = self.n_kv_head or self.n_head
         if self.n_head % n_kv:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
@@ -85,6 +89,11 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def qkv_biased(self) -> bool:
+        """Whether the q/k/v projection has a bias (the output projection's follows `bias`)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def ff_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
@@ -93,6 +102,71 @@ class GPTConfig:
     @property
     def act(self) -> str:
         return self.activation or GATED.get(self.mlp, "gelu_tanh")
+
+
+# Rotary scaling types: {"type": T, ...} with T's keys named and meant as in transformers'
+# rope_parameters (modeling_rope_utils.py), so a published config maps one to one:
+# - linear (position interpolation, Chen et al. 2023): every frequency divided by `factor`
+# - llama3 (Llama 3.1+): wavelengths above original_max_position_embeddings / low_freq_factor divided
+#   by `factor`, below original / high_freq_factor kept, smoothly interpolated in between
+# - yarn (Peng et al. 2023, NTK-by-parts; Qwen2.5 long context): interpolated low frequencies,
+#   extrapolated high ones, a linear ramp between the beta_fast / beta_slow rotation counts over
+#   the original context; cos/sin scaled by attention_factor (default 0.1 ln(factor) + 1, or the
+#   mscale / mscale_all_dim ratio)
+# Each type: (required keys, optional keys).
+ROPE_SCALING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+}
+# Not implemented, with the supported type nearest to each: transformers' `dynamic` recomputes the
+# frequencies from the longest position of each forward call and keeps the largest seen so far,
+# so a token's rotation depends on the batch and on earlier calls (and differs between a
+# KV-cached and a full recomputation): no fixed table reproduces it.
+ROPE_SCALING_NEAREST = {"dynamic": "yarn (static NTK-by-parts, the same factor over the original context) or "
+                                   "linear (the same factor)"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_rope_scaling(scaling: dict | None, pos: str) -> None:
+    """Refuse a rope_scaling that is not one of ROPE_SCALING with its keys and sensible values."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or "type" not in scaling:
+        raise ValueError(f"rope_scaling={scaling!r} must be a mapping with a 'type' ({', '.join(ROPE_SCALING)})")
+    if pos != "rotary":
+        raise ValueError(f"rope_scaling applies to rotary positions (pos=rotary), not pos={pos}")
+    kind = scaling["type"]
+    if kind in ROPE_SCALING_NEAREST:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; the nearest supported: "
+                         f"{ROPE_SCALING_NEAREST[kind]}")
+    if kind not in ROPE_SCALING:
+        raise ValueError(f"rope_scaling type {kind!r} is not one of {', '.join(ROPE_SCALING)}")
+    required, optional = ROPE_SCALING[kind]
+    keys = set(scaling) - {"type"}
+    missing, unknown = sorted(set(required) - keys), sorted(keys - set(required) - set(optional))
+    if missing:
+        raise ValueError(f"rope_scaling type {kind} needs {', '.join(missing)}")
+    if unknown:
+        raise ValueError(f"rope_scaling type {kind}: unknown key(s) {', '.join(unknown)} "
+                         f"(allowed: {', '.join(required + optional)})")
+    for key in keys:
+        v = scaling[key]
+        if key == "truncate":
+            if not isinstance(v, bool):
+                raise ValueError(f"rope_scaling.truncate={v!r} must be true or false")
+        elif key == "original_max_position_embeddings":
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"rope_scaling.{key}={v!r} must be a whole number >= 1")
+        elif not (_number(v) and (v > 0 or key in ("beta_fast", "beta_slow"))):
+            raise ValueError(f"rope_scaling.{key}={v!r} must be a number > 0")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling: high_freq_factor={scaling['high_freq_factor']} must exceed "
+                         f"low_freq_factor={scaling['low_freq_factor']}")
 
 
 _GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)

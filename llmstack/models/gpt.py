@@ -47,6 +47,7 @@ from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entr
     linear_cross_entropy,
     make_norm,
     pattern_mask,
+    plan_segments,
     rotary_tables,
     sinusoidal_table,
 )
@@ -58,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.layer_idx = layer_idx  # which slot of a KV cache is ours
         # one matmul for q, k, v: output [q (nh*hd) | k (nkv*hd) | v (nkv*hd)]
-        self.qkv = Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
+        self.qkv = Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_biased)
         self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_scaled = True  # read by init: GPT-2 scaled residual init
         self.attn_dropout = cfg.attn_dropout
@@ -143,7 +144,8 @@ class GPT(nn.Module):
             c, tables = self.config, {}
             with torch.autocast(device.type, enabled=False):
                 if c.pos == "rotary":
-                    tables["rope"] = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+                    tables["rope"] = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device,
+                                                   scaling=c.rope_scaling)
                 elif c.pos == "sinusoidal":
                     tables["pe"] = sinusoidal_table(c.max_seq_len, c.d_model).to(device)
                 elif c.pos == "alibi":
@@ -188,29 +190,47 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        segment_ids: torch.Tensor | None = None,
     ):
         """Logits (B, T, V), or the mean cross-entropy over labels != -100 when labels are given
         (with optional label smoothing and z-loss, see layers.linear_cross_entropy).
 
         input_ids, labels, position_ids: (B, T). attn_mask: optional boolean (B, 1, T, T) "may
         attend" mask that already includes causality (used for packed documents and padding);
-        with a cache it is (B, 1, T, past+T). cache: see `hidden_states`.
+        with a cache it is (B, 1, T, past+T). segment_ids: see `hidden_states` (packed documents
+        and padding without any (B, 1, T, T) mask; use instead of attn_mask). cache: see `hidden_states`.
         """
-        x = self.hidden_states(input_ids, position_ids, attn_mask, cache)
+        x = self.hidden_states(input_ids, position_ids, attn_mask, cache, segment_ids)
         if labels is None:
             return self.lm_head(x)  # logits (B, T, V)
         # = F.cross_entropy(logits.float(), labels, ignore_index=-100), computed in cache-sized
         # chunks with the softmax in fp32 (bf16 logits lose too much precision in the log-sum-exp)
         return self.lm_head(x, labels, label_smoothing, z_loss)
 
-    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, C) that the LM head reads.
 
+        segment_ids (B, T): each token attends, causally, to the earlier tokens with its own id
+        only (packed documents; padding as one more id, e.g. `layers.segments_from_valid`), with
+        positions from position_ids. No (B, 1, T, T) mask is built (layers.SegmentPlan); attention
+        patterns and ALiBi then count positions within each document.
         With a `cache` (from `new_cache`) the keys/values of these T positions are stored after the
-        cached ones and attention covers both; positions default to past..past+T-1.
+        cached ones and attention covers both; positions default to past..past+T-1 (segment ids
+        only for the first, cache-filling pass).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        plan = None
+        if segment_ids is not None:
+            if attn_mask is not None:
+                raise ValueError("pass segment_ids or attn_mask, not both")
+            if past:
+                raise ValueError("segment_ids apply to the first pass over a KV cache only")
+            c = self.config
+            plan = plan_segments(segment_ids, window=c.attn_window, pattern=c.attn_pattern, block=c.attn_block,
+                                 summary=c.attn_summary,
+                                 alibi=self._tables(input_ids.device)["alibi"] if c.pos == "alibi" else None)
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence length {past + T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)  # (B, T, C)
@@ -231,7 +251,7 @@ class GPT(nn.Module):
                 rope_pos = position_ids if position_ids.dim() == 1 else position_ids[:, None]
                 rope = (cos[rope_pos].to(x.dtype), sin[rope_pos].to(x.dtype))
         x = self.drop(x)
-        attn_mask = self._pattern_mask(attn_mask, past, T, x.dtype)
+        attn_mask = plan if plan is not None else self._pattern_mask(attn_mask, past, T, x.dtype)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)

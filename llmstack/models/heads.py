@@ -26,7 +26,7 @@ class PolicyLM(GPT):
     """A GPT whose forward gives per-token log-probs (and optionally entropies) of its input."""
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, *, start: int = 1, temperature: float = 1.0,
+                segment_ids: torch.Tensor | None = None, *, start: int = 1, temperature: float = 1.0,
                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log p(token_t | tokens_<t) for columns t = start..T-1, (B, T - start), fp32;
         the entropy of each of those next-token distributions, or None).
@@ -40,7 +40,7 @@ class PolicyLM(GPT):
         """
         if start < 1:
             raise ValueError(f"start must be >= 1 (nothing predicts column 0), got {start}")
-        h = self.hidden_states(input_ids, position_ids, attn_mask)[:, start - 1:-1]  # (B, T - start, C)
+        h = self.hidden_states(input_ids, position_ids, segment_ids=segment_ids)[:, start - 1:-1]  # (B, T - start, C)
         return token_logprobs(h, self.lm_head.weight, input_ids[:, start:], temperature=temperature,
                               with_entropy=with_entropy)
 
@@ -73,9 +73,10 @@ class ScalarHeadModel(nn.Module):
             self.init_module_(m)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalars (B, T), fp32: one per position, each seeing the tokens up to it."""
-        h = self.backbone.hidden_states(input_ids, position_ids, attn_mask)  # (B, T, C)
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalars (B, T), fp32: one per position, each seeing the tokens up to it (and, with
+        segment_ids, of its own segment: padding is a segment of its own)."""
+        h = self.backbone.hidden_states(input_ids, position_ids, segment_ids=segment_ids)  # (B, T, C)
         return self.head(h).squeeze(-1).float()
 
     def num_params(self) -> int:

@@ -1,8 +1,10 @@
 """Native <-> Hugging Face transformers conversion for every family, both ways.
 
 Targets: gpt2-style GPT <-> GPT2LMHeadModel, llama-style GPT <-> LlamaForCausalLM (grouped-query
-attention; our rotary layout is HF's "rotate half", so q/k need no permutation), BERT <->
-BertForMaskedLM, T5 <-> T5ForConditionalGeneration.
+attention; our rotary layout is HF's "rotate half", so q/k need no permutation), and its kin
+Qwen2ForCausalLM (q/k/v biases without an output bias) and MistralForCausalLM (sliding-window
+attention), each with rotary scaling (linear, llama3, yarn); BERT <-> BertForMaskedLM, T5 <->
+T5ForConditionalGeneration.
 
 One table per architecture (`_maps`) lists, for each native tensor, the HF tensors it corresponds
 to: a plain copy, a transpose (GPT-2's Conv1D stores (in, out)), or a split along rows (our fused
@@ -26,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmstack.models.bert import BertConfig
+from llmstack.models.configs import ROPE_SCALING, ROPE_SCALING_NEAREST, check_rope_scaling
 from llmstack.models.gpt import GPTConfig
 from llmstack.models.t5 import T5Config
 
@@ -40,8 +43,9 @@ _TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "
 _FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                 "silu": "silu", "swish": "silu", "mish": "mish"}
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM",
-                 "t5": "T5ForConditionalGeneration"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mistral": "MistralForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
+LLAMA_LIKE = ("llama", "qwen2", "mistral")  # one tensor layout; they differ in biases and attention window
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,9 @@ def _hf_act(act: str, key: str) -> str:
 def _gpt_target(c: GPTConfig) -> str:
     # options no HF causal LM we map to has: refused whatever the positions
     unmapped = [(c.pos == "alibi", "model.pos=alibi (GPT-2 and LLaMA have no ALiBi attention bias)"),
-                (c.attn_pattern != "full", f"model.attn_pattern={c.attn_pattern} (GPT-2 and LLaMA attend to every "
-                                           "earlier position)"),
+                (c.attn_pattern not in ("full", "sliding"),
+                 f"model.attn_pattern={c.attn_pattern} (HF causal LMs attend to every earlier position, or to a "
+                 "sliding window: model.attn_pattern=sliding with model.pos=rotary, as Mistral)"),
                 (c.norm_position != "pre", f"model.norm_position={c.norm_position} (GPT-2 and LLaMA are pre-norm)"),
                 (not c.final_norm, "model.final_norm=false (GPT-2 and LLaMA have a final norm)"),
                 (c.layer_scale is not None, f"model.layer_scale={c.layer_scale} (no LayerScale in GPT-2 or LLaMA)")]
@@ -117,12 +122,22 @@ def _gpt_target(c: GPTConfig) -> str:
         blockers = [(c.norm != "layernorm", f"model.norm={c.norm} (needs layernorm)"),
                     (not c.bias, "model.bias=false (needs true: GPT-2's Conv1D and LayerNorm have biases)"),
                     (c.mlp != "gelu", f"model.mlp={c.mlp} (needs the plain, ungated MLP: model.mlp=gelu)"),
-                    (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")]
-        name, arch = "gpt2", "GPT2LMHeadModel"
-    else:  # rotary: LLaMA
+                    (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)"),
+                    (c.attn_pattern == "sliding", "model.attn_pattern=sliding (GPT-2 has no sliding window; "
+                                                  "Mistral has, with model.pos=rotary)"),
+                    (c.qkv_biased != c.bias, f"model.qkv_bias={c.qkv_bias} (GPT-2 biases every projection alike)")]
+        name = "gpt2"
+    else:  # rotary: LLaMA; Qwen2 with q/k/v-only biases; Mistral with a sliding window (Qwen2 may have one)
+        name = "qwen2" if c.qkv_biased and not c.bias else "mistral" if c.attn_pattern == "sliding" else "llama"
         blockers = [(c.norm != "rmsnorm", f"model.norm={c.norm} (needs rmsnorm)"),
-                    (c.mlp == "gelu", "model.mlp=gelu (needs a gated MLP: swiglu, geglu or reglu)")]
-        name, arch = "llama", "LlamaForCausalLM"
+                    (c.mlp == "gelu", "model.mlp=gelu (needs a gated MLP: swiglu, geglu or reglu)"),
+                    (name == "mistral" and c.bias, "model.bias=true (Mistral has no biases; Qwen2, with a sliding "
+                                                   "window too, has q/k/v biases: model.bias=false "
+                                                   "model.qkv_bias=true)"),
+                    (name == "llama" and c.bias and not c.qkv_biased,
+                     "model.qkv_bias=false with model.bias=true (LLaMA's attention_bias covers q, k, v and o alike; "
+                     "q/k/v biases alone are Qwen2's: model.bias=false model.qkv_bias=true)")]
+    arch = ARCHITECTURES[name]
     bad = [msg for cond, msg in blockers if cond]
     if bad:
         raise ConversionError(f"no Hugging Face architecture matches this GPT: with model.pos={c.pos} the target is "
@@ -137,7 +152,8 @@ def _gpt_target(c: GPTConfig) -> str:
 
 
 def _maps(arch: str, cfg) -> list[Map]:
-    return {"gpt2": _gpt2_maps, "llama": _llama_maps, "bert": _bert_maps, "t5": _t5_maps}[arch](cfg)
+    return {"gpt2": _gpt2_maps, "llama": _llama_maps, "qwen2": _llama_maps, "mistral": _llama_maps, "bert": _bert_maps,
+            "t5": _t5_maps}[arch](cfg)
 
 
 def _gpt2_maps(c: GPTConfig) -> list[Map]:
@@ -163,7 +179,7 @@ def _llama_maps(c: GPTConfig) -> list[Map]:
     for i in range(c.n_layer):
         n, h = f"blocks.{i}", f"model.layers.{i}"
         maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", False)
-        maps += _split(f"{n}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], c.bias)
+        maps += _split(f"{n}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], c.qkv_biased)
         maps += _linear(f"{n}.attn.proj", f"{h}.self_attn.o_proj", c.bias)
         maps += _norm(f"{n}.ln_2", f"{h}.post_attention_layernorm", False)
         maps += _split(f"{n}.mlp.fc", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], [ff, ff], c.bias)
@@ -252,15 +268,25 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
                              activation_function=_hf_act(cfg.act, "model.activation"), resid_pdrop=cfg.dropout,
                              embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout, layer_norm_epsilon=cfg.norm_eps,
                              initializer_range=cfg.init_std, **common)
-    if arch == "llama":
+    if arch in LLAMA_LIKE:
         act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else _hf_act(cfg.act, "model.activation")
-        return tf.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
-                              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                              num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=act,
-                              max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                              rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-                              attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.attn_dropout,
-                              initializer_range=cfg.init_std, **common)
+        scaling = dict(cfg.rope_scaling or {})
+        rope = {"rope_type": scaling.pop("type", "default"), "rope_theta": float(cfg.rope_theta), **scaling}
+        shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+                      num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                      hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                      rope_parameters=rope, attention_dropout=cfg.attn_dropout, initializer_range=cfg.init_std,
+                      **common)
+        window = cfg.attn_window if cfg.attn_pattern == "sliding" else None
+        if arch == "llama":
+            return tf.LlamaConfig(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias, **shared)
+        if arch == "mistral":  # (the same "keys i - j < w" window as ours)
+            return tf.MistralConfig(head_dim=cfg.head_dim, sliding_window=window, **shared)
+        # Qwen2: a window on the layers from max_window_layers on; ours is on every layer or none
+        kind = "sliding_attention" if window else "full_attention"
+        return tf.Qwen2Config(use_sliding_window=window is not None, sliding_window=window,
+                              max_window_layers=0 if window else cfg.n_layer, layer_types=[kind] * cfg.n_layer,
+                              **shared)
     if arch == "bert":
         return tf.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                              num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
@@ -309,25 +335,8 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
                         dropout=hf.get("resid_pdrop", 0.0), attn_dropout=hf.get("attn_pdrop", 0.0),
                         init_std=hf.get("initializer_range", 0.02))
         return "gpt", "gpt2", cfg
-    if mt == "llama":
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ConversionError(f"LLaMA rope type {rope.get('rope_type') or rope.get('type')!r} is not supported "
-                                  "(only the default rotary embedding)")
-        heads, d = hf["num_attention_heads"], hf["hidden_size"]
-        if hf.get("head_dim") not in (None, d // heads):
-            raise ConversionError(f"LLaMA head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
-        if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
-            raise ConversionError("LLaMA attention_bias != mlp_bias is not supported (one `bias` option here)")
-        cfg = GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
-                        n_kv_head=hf.get("num_key_value_heads") or heads, d_model=d, d_ff=hf["intermediate_size"],
-                        max_seq_len=hf.get("max_position_embeddings", 2048), pos="rotary", norm="rmsnorm",
-                        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                        activation=act(hf.get("hidden_act", "silu"), "hidden_act"), bias=bool(hf.get("attention_bias")),
-                        tie_embeddings=tied("lm_head.weight", "model.embed_tokens.weight"),
-                        attn_dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
-                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        return "gpt", "llama", cfg
+    if mt in LLAMA_LIKE:
+        return "gpt", mt, _llama_like_config(mt, hf, act, tied("lm_head.weight", "model.embed_tokens.weight"))
     if mt == "bert":
         if hf.get("is_decoder") or hf.get("position_embedding_type", "absolute") != "absolute":
             raise ConversionError("only encoder BERT with absolute positions is supported")
@@ -356,7 +365,102 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
                        init_factor=hf.get("initializer_factor", 1.0),
                        pad_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")) or 0)
         return "t5", "t5", cfg
-    raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, llama, bert, t5)")
+    raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, {', '.join(LLAMA_LIKE)}, bert, t5)")
+
+
+def _llama_like_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: bool) -> GPTConfig:
+    """The GPT of a llama / qwen2 / mistral config.json; a key it lacks takes the default of
+    transformers' config class (e.g. Mistral's sliding_window=4096), as from_pretrained does."""
+    import transformers as tf
+
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[mt]
+    name = {"llama": "LLaMA", "qwen2": "Qwen2", "mistral": "Mistral"}[mt]
+
+    def get(key: str):
+        return hf.get(key, getattr(cls, key, None))
+
+    heads, d, n_layer = get("num_attention_heads"), get("hidden_size"), get("num_hidden_layers")
+    if get("head_dim") not in (None, d // heads):
+        raise ConversionError(f"{name} head_dim={get('head_dim')} != hidden_size/num_attention_heads is not supported "
+                              f"(the nearest supported: head_dim={d // heads})")
+    max_len = get("max_position_embeddings")
+    theta, scaling = _rope_from_hf(hf, name, max_len)
+    if scaling and scaling["type"] == "yarn" and max_len <= scaling["original_max_position_embeddings"]:
+        # YaRN left at the original context (as Qwen2.5's model cards add it) is meant for factor x that
+        # context, transformers' "implicit factor"; our positions stop at max_seq_len, so it grows
+        max_len = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    bias, qkv_bias, window = False, None, None
+    if mt == "llama":
+        if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+            raise ConversionError("LLaMA attention_bias != mlp_bias is not supported (one `bias` option here)")
+        bias = bool(hf.get("attention_bias"))
+    elif mt == "qwen2":
+        qkv_bias, window = True, _qwen2_window(hf, get, n_layer)
+    else:
+        window = get("sliding_window")
+    if window is not None and not (isinstance(window, int) and window >= 1):
+        raise ConversionError(f"{name} sliding_window={window!r} is not supported (a whole number >= 1, or null)")
+    return GPTConfig(vocab_size=get("vocab_size"), n_layer=n_layer, n_head=heads,
+                     n_kv_head=get("num_key_value_heads") or heads, d_model=d, d_ff=get("intermediate_size"),
+                     max_seq_len=max_len, pos="rotary", attn_pattern="full" if window is None else "sliding",
+                     attn_window=window or 0, norm="rmsnorm",
+                     norm_eps=get("rms_norm_eps"), mlp="swiglu", activation=act(get("hidden_act"), "hidden_act"),
+                     bias=bias, qkv_bias=qkv_bias, tie_embeddings=tied, attn_dropout=hf.get("attention_dropout", 0.0),
+                     init_std=hf.get("initializer_range", 0.02), rope_theta=theta, rope_scaling=scaling)
+
+
+def _qwen2_window(hf: dict, get: Callable[[str], object], n_layer: int) -> int | None:
+    """Qwen2's window (None: none), which must cover every layer or none: transformers puts it on
+    the layers from max_window_layers on, only with use_sliding_window (off in Qwen2/2.5's configs)."""
+    window = get("sliding_window") if get("use_sliding_window") else None
+    if window is None:
+        return None
+    kinds = get("layer_types") or ["sliding_attention" if i >= get("max_window_layers") else "full_attention"
+                                   for i in range(n_layer)]
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) != {"sliding_attention"}:
+        raise ConversionError(f"Qwen2 with a sliding window on {kinds.count('sliding_attention')} of {n_layer} layers "
+                              "(use_sliding_window=true, max_window_layers="
+                              f"{get('max_window_layers')}) is not supported: local and global layers mixed; the "
+                              "nearest supported: the window on every layer (max_window_layers=0) or on none "
+                              "(use_sliding_window=false)")
+    return window
+
+
+def _rope_from_hf(hf: dict, name: str, max_len: int) -> tuple[float, dict | None]:
+    """(rope_theta, native rope_scaling) of a config.json's rope_parameters (transformers 5) or
+    rope_scaling + rope_theta (before), with transformers' defaults for what they leave out."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ConversionError(f"{name} per-layer rope parameters are not supported (one rotary embedding for all "
+                              "layers is)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"{name} partial_rotary_factor={partial} is not supported (the nearest supported: "
+                              "rotary over the whole head, 1.0)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind in ROPE_SCALING_NEAREST:
+        raise ConversionError(f"{name} rope type {kind!r} is not supported; the nearest supported: "
+                              f"{ROPE_SCALING_NEAREST[kind]}")
+    if kind not in ROPE_SCALING:
+        raise ConversionError(f"{name} rope type {kind!r} is not supported (supported: default, "
+                              f"{', '.join(ROPE_SCALING)})")
+    required, optional = ROPE_SCALING[kind]
+    scaling = {"type": kind, **{k: rope[k] for k in required + optional if rope.get(k) is not None}}
+    if "original_max_position_embeddings" in required:  # a top-level value wins, as in transformers (Phi-3)
+        orig = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings", max_len)
+        scaling["original_max_position_embeddings"] = int(orig) if float(orig).is_integer() else orig
+    if kind == "yarn" and "factor" not in scaling:  # transformers: the context's growth
+        scaling["factor"] = max_len / scaling["original_max_position_embeddings"]
+    try:
+        check_rope_scaling(scaling, "rotary")
+    except ValueError as e:
+        raise ConversionError(f"{name} {e}") from None
+    return theta, scaling
 
 
 def _t5_rescale(hf: dict) -> bool:
@@ -431,7 +535,7 @@ def _redundant_keys(arch: str, cfg) -> tuple[str, ...]:
     common = ("lm_head.weight",) if cfg.tie_embeddings else ()  # equal to the input embedding
     return common + {
         "gpt2": (".attn.bias", ".attn.masked_bias"),
-        "llama": (".rotary_emb.inv_freq",),
+        **{a: (".rotary_emb.inv_freq",) for a in LLAMA_LIKE},
         "bert": ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight", "embeddings.position_ids",
                  "bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
                  "cls.seq_relationship.bias"),

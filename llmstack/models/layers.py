@@ -133,12 +133,68 @@ def pattern_mask(pattern: str, q_pos: torch.Tensor, k_pos: torch.Tensor, *, wind
 # ---------------------------------------------------------------------------------------------
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_len, head_dim) for positions 0..max_len-1 (fp32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                       device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim/2,) fp32, cos/sin scale) of plain or scaled rotary positions.
+
+    `scaling`: None, or {"type": linear | llama3 | yarn, ...} as in configs.ROPE_SCALING, which
+    says what each type does. The arithmetic follows transformers' modeling_rope_utils step by
+    step in fp32, so imported Llama 3.x / Qwen2.5-YaRN models rotate exactly as there.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)  # (hd/2,): theta^(-2i/hd)
+    kind = scaling["type"] if scaling else None
+    if kind is None:
+        return inv_freq, 1.0
+    factor = scaling["factor"]
+    if kind == "linear":  # positions / factor, i.e. every frequency / factor
+        return inv_freq / factor, 1.0
+    old_ctx = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)  # long waves: interpolated
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)  # 0 at the long-wave end, 1 at the short-wave end
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind != "yarn":
+        raise ValueError(f"unknown rope scaling type {kind!r} (allowed: linear, llama3, yarn)")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def dim_of(rotations: float) -> float:  # the dim index whose wave turns `rotations` times over old_ctx
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # (as transformers: no zero-width ramp)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies, kept), 0: interpolate (low ones, / factor)
+    pos_freqs = theta ** exponent
+    interpolated, extrapolated = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
+    return interpolated * (1 - keep) + extrapolated * keep, float(attn)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float, device=None,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_len, head_dim) for positions 0..max_len-1 (fp32), with an
+    optional frequency scaling (`rotary_frequencies`); YaRN's attention factor multiplies both."""
+    inv_freq, attn = rotary_frequencies(head_dim, theta, scaling, device=device)
     t = torch.arange(max_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd): both halves share a frequency
+    if attn != 1.0:
+        return emb.cos() * attn, emb.sin() * attn
     return emb.cos(), emb.sin()
 
 
@@ -163,7 +219,8 @@ def attention(
     """Scaled dot-product attention via PyTorch SDPA (flash / memory-efficient kernels when possible).
 
     q: (B, nh, T, hd); k, v: (B, n_kv, S, hd) with nh a multiple of n_kv (grouped-query attention:
-    each group of nh/n_kv query heads shares one key/value head). `mask` is a boolean (B, 1, T, S)
+    each group of nh/n_kv query heads shares one key/value head). `mask` is a `SegmentPlan` (packed
+    documents or padding as segment ids, see below), a boolean (B, 1, T, S)
     "may attend" mask, a float additive bias broadcastable to (B, nh, T, S) (T5's relative
     position bias, with -inf-like values where attention is not allowed), or None; with a mask,
     `causal` must already be folded into it. `scale` defaults to 1/sqrt(hd) (T5 uses 1).
@@ -172,15 +229,15 @@ def attention(
     # on its own: during decoding q comes strided from the few-rows Linear while k, v are views of
     # the KV cache, which a copy would duplicate whole in every layer at every step.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        # expand instead of SDPA's enable_gqa: the latter falls back to the math kernel on CPU.
-        B, nkv, S, hd = k.shape
-        k = k[:, :, None].expand(B, nkv, n_rep, S, hd).reshape(B, nkv * n_rep, S, hd)
-        v = v[:, :, None].expand(B, nkv, n_rep, S, hd).reshape(B, nkv * n_rep, S, hd)
+    if isinstance(mask, SegmentPlan):
+        return mask.attend(q, k, v, dropout_p=dropout_p, scale=scale)
+    # grouped-query attention natively: no per-layer (or, decoding, per-token) copies of K/V
+    gqa = q.shape[1] != k.shape[1]
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -194,6 +251,167 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=valid.device)
     return ((causal & valid[:, None, :].bool()) | eye)[:, None]  # (B, 1, T, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents and padding as segment ids (B, T): a token attends, causally, to the earlier
+# tokens of its own segment and to nothing else. No (B, 1, T, T) mask is ever built:
+# - a row holding one segment runs SDPA's causal kernel (the caller passes no plan at all);
+# - on CUDA, FlexAttention with a block mask made on the device from the ids (blocks of other
+#   documents are skipped, not computed);
+# - elsewhere (CPU, or patterns FlexAttention is not given here), "varlen by gathering": every
+#   document is copied into a row of its own, documents of similar length share one causal SDPA
+#   call, and the outputs are scattered back. Causal attention over a right-padded row never
+#   reaches the padding, so no mask is needed, and no work is spent across documents.
+# Pads are just one more segment (any id, conventionally -1): their outputs are never used.
+# ---------------------------------------------------------------------------------------------
+
+
+def segments_from_valid(valid: torch.Tensor) -> torch.Tensor:
+    """Segment ids (B, T) of a padded batch: 0 for real tokens, -1 for padding (left or right)."""
+    return torch.where(valid.bool(), 0, -1).long()
+
+
+def single_segment_rows(segment_ids: torch.Tensor) -> bool:
+    """True when every row holds one segment: plain causal attention is then the same thing."""
+    return bool((segment_ids == segment_ids[:, :1]).all())
+
+
+def _bucket_len(n: int) -> int:
+    """Padded length of a document of n tokens in the gathering path: at most 25% more (and
+    exact up to 8), so documents of similar length share one SDPA call."""
+    if n <= 8:
+        return n
+    step = max(8, 1 << (n.bit_length() - 3))  # 4 steps per octave
+    return -(-n // step) * step
+
+
+class SegmentPlan:
+    """How the tokens of one batch attend, worked out once per forward from the segment ids and
+    used by every layer (see the section comment above). Build with `plan_segments`."""
+
+    def __init__(self, segment_ids: torch.Tensor, *, window: int = 0, pattern: str = "full", block: int = 0,
+                 summary: int = 1, alibi: torch.Tensor | None = None, use_flex: bool | None = None):
+        self.B, self.T = segment_ids.shape
+        self.window, self.pattern, self.block, self.summary = window, pattern, block, summary
+        self.alibi = alibi  # (nh,) slopes, or None
+        dev = segment_ids.device
+        if use_flex is None:
+            use_flex = dev.type == "cuda" and _flex_available()
+        self.flex = bool(use_flex) and pattern in ("full", "sliding")
+        if self.flex:
+            self.segment_ids = segment_ids
+            self._block_mask = None  # made on first use (needs the device and the head count)
+            return
+        self._plan_gather(segment_ids)
+
+    # -- gathering path ------------------------------------------------------------------------
+    def _plan_gather(self, segment_ids: torch.Tensor) -> None:
+        import numpy as np
+
+        seg = segment_ids.detach().cpu().numpy()  # the one host sync of a forward pass
+        B, T = seg.shape
+        # order tokens by (row, segment id), positions ascending within each: a stable sort
+        key = (np.arange(B)[:, None] * (int(seg.max()) - int(seg.min()) + 1) + (seg - seg.min())).reshape(-1)
+        order = np.argsort(key, kind="stable")  # flat indices b*T + t, grouped by document
+        sorted_key = key[order]
+        starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+        lengths = np.diff(np.r_[starts, len(order)])
+        padded = np.array([_bucket_len(int(n)) for n in lengths])
+        self.buckets = []  # (index (N, L) of flat token positions, selected rows of the output, destinations, L)
+        dev = segment_ids.device
+        for L in np.unique(padded):
+            docs = np.flatnonzero(padded == L)
+            n = lengths[docs]
+            col = np.arange(L)[None, :]
+            valid = col < n[:, None]  # (N, L)
+            src = starts[docs][:, None] + np.minimum(col, n[:, None] - 1)  # pad slots repeat the last token
+            idx = order[src]  # (N, L) flat token positions
+            sel = np.flatnonzero(valid.reshape(-1))
+            self.buckets.append((torch.from_numpy(idx.reshape(-1)).to(dev), torch.from_numpy(sel).to(dev),
+                                 torch.from_numpy(idx.reshape(-1)[sel]).to(dev), int(L), len(docs)))
+        self._masks: dict = {}
+
+    def _bucket_mask(self, L: int, dtype, device):
+        """None (plain causal), or the (1 or nh, L, L) mask / bias of the pattern and ALiBi within
+        a document (positions 0..L-1 of the document)."""
+        if self.pattern == "full" and self.alibi is None:
+            return None
+        key = (L, dtype)
+        if key not in self._masks:
+            pos = torch.arange(L, device=device)
+            mask = pattern_mask(self.pattern, pos, pos, window=self.window, block=self.block, summary=self.summary)
+            if self.alibi is None:
+                self._masks[key] = mask[None]
+            else:
+                bias = alibi_bias(self.alibi.to(device), pos, pos)
+                self._masks[key] = bias.masked_fill(~mask, float("-inf")).to(dtype)
+        return self._masks[key]
+
+    def attend(self, q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+        """Attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd) within segments -> (B, nh, T, hd)."""
+        if self.flex:
+            return self._attend_flex(q, k, v, scale=scale)
+        B, nh, T, hd = q.shape
+        nkv = k.shape[1]
+        # token-major (B*T, heads, hd): one gather per tensor per bucket
+        qf, kf, vf = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))
+        out = q.new_zeros(B * T, nh, hd)
+        for idx, sel, dst, L, N in self.buckets:
+            qb, kb, vb = (t.index_select(0, idx).view(N, L, t.shape[1], hd).transpose(1, 2) for t in (qf, kf, vf))
+            mask = self._bucket_mask(L, q.dtype, q.device)
+            if mask is None:
+                yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, scale=scale,
+                                                    enable_gqa=nkv != nh)
+            else:
+                yb = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                                    enable_gqa=nkv != nh)
+            out = out.index_copy(0, dst, yb.transpose(1, 2).reshape(N * L, nh, hd).index_select(0, sel))
+        return out.view(B, T, nh, hd).transpose(1, 2)
+
+    # -- FlexAttention path (CUDA) ----------------------------------------------------------------
+    def _attend_flex(self, q, k, v, *, scale):
+        seg, window = self.segment_ids, self.window
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def doc_causal(b, h, qi, ki):
+                ok = (seg[b, qi] == seg[b, ki]) & (qi >= ki)
+                return ok & (qi - ki < window) if window > 0 else ok
+
+            self._block_mask = create_block_mask(doc_causal, self.B, None, self.T, self.T, device=seg.device)
+        slopes = self.alibi.to(q.device).float() if self.alibi is not None else None
+
+        def alibi(score, b, h, qi, ki):
+            return score - slopes[h] * (qi - ki)
+        return _flex()(q, k, v, score_mod=alibi if slopes is not None else None, block_mask=self._block_mask, scale=scale,
+                       enable_gqa=k.shape[1] != q.shape[1])
+
+
+_FLEX = None
+
+
+def _flex_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def _flex():
+    """flex_attention, compiled on accelerators (eager FlexAttention is a slow reference there)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
+def plan_segments(segment_ids: torch.Tensor | None, **kw) -> SegmentPlan | None:
+    """The attention plan of a batch with segment ids, or None when plain causal attention is the
+    same thing (no ids, or one segment per row and no pattern/ALiBi needing per-document positions)."""
+    if segment_ids is None or single_segment_rows(segment_ids):
+        return None  # (a pattern or ALiBi then applies over row positions, which are the document's)
+    return SegmentPlan(segment_ids, **kw)
 
 
 class KVCache:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from llmstack.models.heads import sequence_scores
-from llmstack.models.layers import causal_padding_mask
+from llmstack.models.layers import segments_from_valid
 
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
@@ -66,13 +66,13 @@ class Rollout:
 
 
 def model_inputs(valid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(position_ids, attn_mask) for a padded batch; (None, None) when nothing is padded on the
-    left (right padding cannot influence earlier tokens under a causal mask, and SDPA's causal
-    kernel is the fast path)."""
+    """(position_ids, segment_ids) for a padded batch (padding is a segment of its own: no
+    (B, 1, T, T) mask); (None, None) when nothing is padded on the left (right padding cannot
+    influence earlier tokens under a causal mask, and SDPA's causal kernel is the fast path)."""
     if bool(valid[:, 0].all()) and bool((valid.long().diff(dim=1) <= 0).all()):
         return None, None  # every row starts at column 0, padding only on the right
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return pos, causal_padding_mask(valid)
+    return pos, segments_from_valid(valid)
 
 
 def response_logprobs(model, ids: torch.Tensor, valid: torch.Tensor, prompt_len: int, *, temperature: float = 1.0,
@@ -83,20 +83,20 @@ def response_logprobs(model, ids: torch.Tensor, valid: torch.Tensor, prompt_len:
     Only the R hidden states that predict response tokens go through the LM head: the logits of
     the prompt positions are never formed. `temperature` divides the logits as the sampler did.
     """
-    pos, mask = model_inputs(valid)
-    return model(ids, pos, mask, start=prompt_len, temperature=temperature, with_entropy=with_entropy)
+    pos, seg = model_inputs(valid)
+    return model(ids, pos, seg, start=prompt_len, temperature=temperature, with_entropy=with_entropy)
 
 
 def response_values(value_model, ids: torch.Tensor, valid: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Critic values (B, R): V of the state before each response token (same columns as log-probs)."""
-    pos, mask = model_inputs(valid)
-    return value_model(ids, pos, mask)[:, prompt_len - 1:-1]
+    pos, seg = model_inputs(valid)
+    return value_model(ids, pos, seg)[:, prompt_len - 1:-1]
 
 
 def scores(reward_model, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B,) reward-model scores: its scalar at each row's last real token (the stop token)."""
-    pos, mask = model_inputs(valid)
-    return sequence_scores(reward_model(ids, pos, mask), valid)
+    pos, seg = model_inputs(valid)
+    return sequence_scores(reward_model(ids, pos, seg), valid)
 
 
 def sequence_logprobs(model, ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:

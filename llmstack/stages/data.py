@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_pipeline import shards
 from data_pipeline.sources import MAX_RECORD_BYTES, DataError, ErrorLog, Source, resolve_source
-from data_pipeline.stream import Loader, StreamConfig
+from data_pipeline.stream import Loader, StreamConfig, auto_workers
 from llmstack.config import DataConfig, DataPrepareConfig, SourceConfig
 from llmstack.distributed import env
 from llmstack.errors import UsageError
@@ -69,13 +69,33 @@ def _report(line: str) -> None:
     print(f"[rank {env.rank()}] {line}" if env.world_size() > 1 else line, file=sys.stderr, flush=True)
 
 
+# Host threads a rank on a GPU keeps busy itself: the Python loop that makes the batches and
+# launches the kernels, and the CUDA driver's copies. Its torch threads are mostly idle there.
+GPU_RANK_THREADS = 2
+
+
+def loader_workers(data: DataConfig, world: int, *, cores: int | None = None, reserved: int | None = None) -> int:
+    """data.num_workers, with `auto` resolved for this rank: the cores it has (its share of the
+    machine, env.cores_per_process) beyond the threads it computes with (torch's threads on CPU,
+    GPU_RANK_THREADS on a GPU) become loader workers, at most 4, dividing data.streams / world
+    (data_pipeline.stream.auto_workers). The batches are the same for any number of workers."""
+    if data.num_workers != "auto":
+        return data.num_workers
+    import torch
+
+    if reserved is None:
+        reserved = torch.get_num_threads() if env.device().type == "cpu" else GPU_RANK_THREADS
+    return auto_workers(data.streams, world, env.cores_per_process() if cores is None else cores, reserved)
+
+
 def loader(data: DataConfig, sources: list[Source], tokenizer, seed: int, *, micro_batch: int,
            num_workers: int | None = None, state: dict | None = None) -> Batches:
     """This rank's micro-batches of `sources` (state: a merged data state to resume from)."""
+    world = env.world_size()
     try:
         return Batches(Loader(sources, stream_config(data, seed), tokenizer.path, tokenizer.hash,
-                              micro_batch=micro_batch, rank=env.rank(), world=env.world_size(),
-                              num_workers=data.num_workers if num_workers is None else num_workers,
+                              micro_batch=micro_batch, rank=env.rank(), world=world,
+                              num_workers=loader_workers(data, world) if num_workers is None else num_workers,
                               state=state, on_error=data.on_error, report=_report))
     except DataError as e:
         raise UsageError(f"data: {e}") from None
@@ -122,7 +142,7 @@ def pretrain_data(data: DataConfig, tokenizer, seed: int, micro_batch: int, eval
         raise UsageError(f"cannot resume from {resume_from}: {e}; {separate_run_hint(resume_from)}") from None
     manifest = {"seq_len": data.seq_len, "streams": data.streams, "sources": [s.model_dump() for s in data.sources],
                 "files": {s.spec: len(s.units) for s in train_sources}, "val_sources": [s.spec for s in val_sources],
-                "fingerprint": batches.loader.fp}
+                "fingerprint": batches.loader.fp, "num_workers": batches.loader.workers}
     return PretrainData(train=batches, val=val, manifest=manifest)
 
 
@@ -162,7 +182,7 @@ def prepare(cfg: DataPrepareConfig) -> dict:
         raise UsageError("data.out is required: the directory to write the shards to")
     tokenizer = common.ensure_tokenizer(cfg.tokenizer, cfg.data.sources)
     sources = resolve_sources(cfg.data.sources, tokenizer.hash, cfg.data.max_record_bytes)
-    workers = max(1, cfg.data.num_workers)
+    workers = env.available_cores() if cfg.data.num_workers == "auto" else max(1, cfg.data.num_workers)
     print(f"data prepare: {', '.join(s.spec for s in sources)} -> {cfg.data.out} "
           f"({sum(len(s.units) for s in sources)} inputs, {workers} processes, tokenizer {tokenizer.hash})", flush=True)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from llmstack.train.evaluate import evaluate_batches
 from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, Trainer
 
 # Inputs for packed documents (data.doc_mask=true) travel with the batch as keyword arguments.
-MODEL_INPUTS = ("position_ids", "attn_mask")
+MODEL_INPUTS = ("position_ids", "segment_ids")
 
 
 def causal_lm_loss(engine, batch: dict, **loss_options) -> torch.Tensor:

@@ -28,7 +28,7 @@ from llmstack.train import run as train_run
 from llmstack.train import task_eval
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, MicroBatches, Trainer
 
-MODEL_INPUTS = ("position_ids", "attn_mask")
+MODEL_INPUTS = ("position_ids", "segment_ids")
 dry_run = train_run.dry_run
 
 

@@ -288,7 +288,7 @@ class MicroBatches:
 
     def __call__(self, trainer: Trainer, step: int) -> StepOutput:
         dev = env.device()
-        micro = [{k: v.to(dev, non_blocking=True) for k, v in next(self.batches).items()} for _ in range(self.accum)]
+        micro = [env.to_device(next(self.batches), dev) for _ in range(self.accum)]  # pinned, non_blocking on CUDA
         scale = None
         if self.count is not None:
             local = sum(int(self.count(b)) for b in micro)

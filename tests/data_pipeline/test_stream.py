@@ -188,15 +188,15 @@ def test_doc_mask_gives_each_document_its_own_context(tmp_path, tok):
     path = corpus.write_jsonl(tmp_path / "short.jsonl", corpus.texts(100, seed=1, lo=1, hi=12))
     (loader,) = loaders([resolve_source(str(path))], tok, cfg, 4, 1, 0)
     batch = next(loader)
-    ids, pos, mask = batch["input_ids"], batch["position_ids"], batch["attn_mask"]
-    assert mask.shape == (4, 1, 32, 32) and mask.dtype == torch.bool
+    ids, pos, seg = batch["input_ids"], batch["position_ids"], batch["segment_ids"]
+    assert seg.shape == (4, 32) and "attn_mask" not in batch  # ids, never a dense (B, 1, T, T) mask
     torch.manual_seed(0)
     model = GPT(gpt_config_from_preset("gpt2-tiny", tok.vocab_size, n_layer=2, d_model=32, n_head=4, max_seq_len=32))
     model.init_weights()
     model.eval()
     boundaries = 0
     with torch.no_grad():
-        packed = model(ids, position_ids=pos, attn_mask=mask)
+        packed = model(ids, position_ids=pos, segment_ids=seg)
         for r in range(len(ids)):
             starts = [0] + [t for t in range(1, 32) if pos[r, t] == 0] + [32]
             for a, b in zip(starts, starts[1:]):

@@ -1,9 +1,17 @@
-"""Measure the peak heap memory of a real `llmstack pretrain` run, from model construction on.
+"""Measure the peak memory of a real `llmstack pretrain` run, from model construction to the end
+of its last optimizer step (the final checkpoint's serialisation is not a training step).
 
-CPU has no allocator statistics like CUDA's max_memory_allocated, so a thread samples glibc's
-mallinfo2 (bytes in use: arena + mmap'd blocks, which is where torch's CPU tensors live) every
-half millisecond. The baseline is taken as the model starts being built, so imports, the
-tokenizer and the corpus cache are not counted. Prints one JSON line: {"peak_bytes": ...}.
+Two measures, each as an increase over a baseline taken just before the model is built, so that
+the interpreter, torch, DeepSpeed, the tokenizer and the corpus cache are not counted:
+- heap: bytes in use by malloc (glibc's mallinfo2: arena + mmap'd blocks, where torch's CPU
+  tensors live), sampled by a thread every half millisecond. CPU torch has no allocator
+  statistics like CUDA's max_memory_allocated; this is the closest thing.
+- rss: the kernel's resident-set high-water mark (VmHWM, reset at the baseline through
+  /proc/self/clear_refs), so no transient escapes it; it also counts freed memory malloc has
+  not returned to the system, and library pages first touched during training.
+Also the heap at each phase (after the model, after the engine, and the peak inside each
+forward, backward and optimizer step), so a mismatch with the planner can be located.
+Prints one JSON line: {"peak_bytes": heap peak, "rss_peak_bytes": ..., "phases": {...}}.
 Usage: python tests/distributed/memory_probe.py CONFIG [key=value ...]
 """
 
@@ -29,31 +37,99 @@ def heap_in_use() -> int:
     return m.uordblks + m.hblkhd
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024
+
+
+def reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
+    import deepspeed.runtime.engine as ds_engine
+
     from llmstack.config import PretrainConfig, load_config
     from llmstack.stages import common, pretrain
+    from llmstack.train import trainer as trainer_mod
 
-    state = {"base": None, "peak": 0, "stop": False}
+    state = {"base": None, "peak": 0, "window": 0, "stop": False, "rss_base": 0, "rss_ok": False}
+    phases: dict[str, int] = {}
 
     def sample():
         while not state["stop"]:
             if state["base"] is not None:
-                state["peak"] = max(state["peak"], heap_in_use())
+                h = heap_in_use()
+                state["peak"] = max(state["peak"], h)
+                state["window"] = max(state["window"], h)
             time.sleep(0.0005)
+
+    def record(name: str, value: int) -> None:
+        phases[name] = max(phases.get(name, 0), value - state["base"])
+
+    steps = {"n": 0}
 
     build = common.build_model
 
     def measured_build(*args, **kwargs):
+        state["rss_ok"] = reset_rss_peak()
+        state["rss_base"] = _status_kb("VmRSS")
         state["base"] = heap_in_use()
-        return build(*args, **kwargs)
+        model = build(*args, **kwargs)
+        record("model", heap_in_use())
+        return model
 
-    common.build_model = measured_build
+    engine_of = common.train_engine
+
+    def measured_engine(*args, **kwargs):
+        engine = engine_of(*args, **kwargs)
+        record("engine", heap_in_use())
+        return engine
+
+    def windowed(name, fn):
+        def wrapper(*args, **kwargs):
+            if state["base"] is None or state["stop"]:
+                return fn(*args, **kwargs)
+            state["window"] = heap_in_use()
+            out = fn(*args, **kwargs)
+            n = steps["n"] + 1  # 1-based index of the optimizer step this call belongs to
+            record(f"{name}{n}", max(state["window"], heap_in_use()))
+            record(f"after_{name}{n}", heap_in_use())
+            if name == "step":
+                steps["n"] = n
+            return out
+        return wrapper
+
+    cls = ds_engine.DeepSpeedEngine
+    cls.forward = windowed("forward", cls.forward)
+    cls.backward = windowed("backward", cls.backward)
+    cls.step = windowed("step", cls.step)
+    save = trainer_mod.Checkpointer.save
+
+    def stop_then_save(self, *args, **kwargs):
+        if not state["stop"]:
+            state["stop"] = True
+            state["rss_peak"] = _status_kb("VmHWM")
+        return save(self, *args, **kwargs)
+
+    trainer_mod.Checkpointer.save = stop_then_save
+    common.build_model, common.train_engine = measured_build, measured_engine
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     pretrain.run(load_config(PretrainConfig, sys.argv[1], sys.argv[2:]))
+    if not state["stop"]:
+        state["rss_peak"] = _status_kb("VmHWM")
     state["stop"] = True
     thread.join()
-    print(json.dumps({"peak_bytes": state["peak"] - state["base"]}))
+    out = {"peak_bytes": state["peak"] - state["base"], "phases": phases}
+    if state["rss_ok"]:
+        out["rss_peak_bytes"] = state["rss_peak"] - state["rss_base"]
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
