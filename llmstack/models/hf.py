@@ -403,8 +403,8 @@ def _llama_like_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: 
     return GPTConfig(vocab_size=get("vocab_size"), n_layer=n_layer, n_head=heads,
                      n_kv_head=get("num_key_value_heads") or heads, d_model=d, d_ff=get("intermediate_size"),
                      max_seq_len=max_len, pos="rotary", attn_pattern="full" if window is None else "sliding",
-                     attn_window=window or 0, norm="rmsnorm",
-                     norm_eps=get("rms_norm_eps"), mlp="swiglu", activation=act(get("hidden_act"), "hidden_act"),
+                     attn_window=window or 0, norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
+                     activation=act(get("hidden_act"), "hidden_act"),
                      bias=bias, qkv_bias=qkv_bias, tie_embeddings=tied, attn_dropout=hf.get("attention_dropout", 0.0),
                      init_std=hf.get("initializer_range", 0.02), rope_theta=theta, rope_scaling=scaling)
 

@@ -318,18 +318,32 @@ class SegmentPlan:
         starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
         lengths = np.diff(np.r_[starts, len(order)])
         padded = np.array([_bucket_len(int(n)) for n in lengths])
-        self.buckets = []  # (index (N, L) of flat token positions, selected rows of the output, destinations, L)
-        dev = segment_ids.device
+        # Buckets of documents padded to one length L, laid out one after another: `gather` lists,
+        # slot by slot, the flat token each slot reads (pad slots repeat their document's last
+        # token); `scatter` gives, for every token, the slot holding its output. One index_select
+        # per tensor each way, whatever the number of buckets.
+        self.buckets = []  # (N documents, L)
+        gather, scatter = [], np.empty(B * T, dtype=np.int64)
+        base = 0
         for L in np.unique(padded):
             docs = np.flatnonzero(padded == L)
             n = lengths[docs]
             col = np.arange(L)[None, :]
-            valid = col < n[:, None]  # (N, L)
-            src = starts[docs][:, None] + np.minimum(col, n[:, None] - 1)  # pad slots repeat the last token
-            idx = order[src]  # (N, L) flat token positions
-            sel = np.flatnonzero(valid.reshape(-1))
-            self.buckets.append((torch.from_numpy(idx.reshape(-1)).to(dev), torch.from_numpy(sel).to(dev),
-                                 torch.from_numpy(idx.reshape(-1)[sel]).to(dev), int(L), len(docs)))
+            src = starts[docs][:, None] + np.minimum(col, n[:, None] - 1)  # (N, L) into `order`
+            gather.append(order[src].reshape(-1))
+            real = (col < n[:, None]).reshape(-1)
+            scatter[order[src].reshape(-1)[real]] = base + np.flatnonzero(real)
+            self.buckets.append((len(docs), int(L)))
+            base += len(docs) * int(L)
+        dev = segment_ids.device
+        gather = np.concatenate(gather)
+        self.gather = torch.from_numpy(gather).to(dev)
+        self.scatter = torch.from_numpy(scatter).to(dev)
+        # `gather` with pad slots sent to one extra row (B*T): where the outputs go
+        slot_token = np.full(len(gather), B * T)
+        slot_token[scatter] = np.arange(B * T)
+        self.put = torch.from_numpy(slot_token).to(dev)
+        self.sizes = [N * L for N, L in self.buckets]
         self._masks: dict = {}
 
     def _bucket_mask(self, L: int, dtype, device):
@@ -354,11 +368,12 @@ class SegmentPlan:
             return self._attend_flex(q, k, v, scale=scale)
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
-        # token-major (B*T, heads, hd): one gather per tensor per bucket
-        qf, kf, vf = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))
-        out = q.new_zeros(B * T, nh, hd)
-        for idx, sel, dst, L, N in self.buckets:
-            qb, kb, vb = (t.index_select(0, idx).view(N, L, t.shape[1], hd).transpose(1, 2) for t in (qf, kf, vf))
+        # token-major (B*T, heads, hd), gathered into the buckets' slots
+        qs, ks, vs = (_ToBuckets.apply(t.transpose(1, 2).reshape(B * T, t.shape[1], hd), self.gather, self.scatter,
+                                       self.sizes) for t in (q, k, v))
+        outs = []
+        for (N, L), qb, kb, vb in zip(self.buckets, qs, ks, vs):
+            qb, kb, vb = (t.view(N, L, t.shape[1], hd).transpose(1, 2) for t in (qb, kb, vb))
             mask = self._bucket_mask(L, q.dtype, q.device)
             if mask is None:
                 yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, scale=scale,
@@ -366,8 +381,9 @@ class SegmentPlan:
             else:
                 yb = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                                     enable_gqa=nkv != nh)
-            out = out.index_copy(0, dst, yb.transpose(1, 2).reshape(N * L, nh, hd).index_select(0, sel))
-        return out.view(B, T, nh, hd).transpose(1, 2)
+            outs.append(yb.transpose(1, 2).reshape(N * L, nh, hd))
+        y = _FromBuckets.apply(self.put, self.sizes, B * T, *outs)
+        return y.view(B, T, nh, hd).transpose(1, 2)
 
     # -- FlexAttention path (CUDA) ----------------------------------------------------------------
     def _attend_flex(self, q, k, v, *, scale):
@@ -386,6 +402,50 @@ class SegmentPlan:
             return score - slopes[h] * (qi - ki)
         return _flex()(q, k, v, score_mod=alibi if slopes is not None else None, block_mask=self._block_mask, scale=scale,
                        enable_gqa=k.shape[1] != q.shape[1])
+
+
+class _ToBuckets(torch.autograd.Function):
+    """x (tokens, ...) -> its rows in the buckets' slots, one tensor per bucket.
+
+    The gradient is one index_select (each token's own slot): a pad slot's gradient is exactly
+    zero (its query's output is dropped, and under causal attention no real query reaches it), so
+    nothing is accumulated, unlike index_select's own backward (zeros, then a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, gather, scatter, sizes):
+        ctx.save_for_backward(scatter)
+        ctx.sizes, ctx.tail = sizes, x.shape[1:]
+        return tuple(x.index_select(0, gather).split(sizes))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        (scatter,) = ctx.saved_tensors
+        ref = next(g for g in grads if g is not None)
+        full = grads[0] if len(grads) == 1 else torch.cat(
+            [g if g is not None else ref.new_zeros(n, *ctx.tail) for g, n in zip(grads, ctx.sizes)])
+        return full.index_select(0, scatter), None, None, None
+
+
+class _FromBuckets(torch.autograd.Function):
+    """Per-bucket outputs -> (tokens, ...) in token order: each bucket's rows are copied to their
+    tokens (pad slots to a spare row, dropped); the gradient is one index_select (zero for pads)."""
+
+    @staticmethod
+    def forward(ctx, put, sizes, n_tokens, *ys):
+        ctx.save_for_backward(put)
+        ctx.sizes = sizes
+        out = ys[0].new_empty(n_tokens + 1, *ys[0].shape[1:])
+        for y, idx in zip(ys, put.split(sizes)):
+            out.index_copy_(0, idx, y)
+        return out[:n_tokens]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (put,) = ctx.saved_tensors
+        g = torch.cat([g, g.new_zeros(1, *g.shape[1:])])
+        return (None, None, None, *g.index_select(0, put).split(ctx.sizes))
 
 
 _FLEX = None

@@ -223,6 +223,6 @@ def test_import_refuses_unknown_weights(tmp_path):
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(hf.ConversionError, match="does not understand"):
         hf.load_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(hf.ConversionError, match="model_type 'mistral' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(hf.ConversionError, match="model_type 'mamba' is not supported"):
         hf.load_pretrained(tmp_path)

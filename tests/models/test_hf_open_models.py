@@ -1,0 +1,278 @@
+"""Open-weight models of the llama lineage, imported from their published configs: Llama 3.2 (llama3
+rope scaling), a Llama 2 long-context fine-tune (linear scaling), Qwen2.5 with YaRN (q/k/v biases
+without an output bias, tied head) and Mistral 7B v0.1 (sliding-window attention).
+
+Each config.json below is the published one with widths and layers cut down and every context
+length (max_position_embeddings, the rope-scaling thresholds, the window) scaled alike, so that
+a 96-token batch reaches well beyond them. Every architectural key is kept, in the published
+(pre-transformers-5) spelling: `rope_scaling` and `rope_theta` at the top level. Random weights.
+
+- import: our logits equal transformers' within 1e-4 (fp32) on a left-padded batch, and would not
+  without the feature (scaling off, or full attention, moves them by far more);
+- export: HF -> native -> HF gives back every tensor bit for bit, the same architecture and rope
+  parameters; native -> HF -> native the same config and state;
+- greedy generation (KV cache, left-padded prompts) equals transformers' token for token;
+- what has no native counterpart (dynamic rope, mixed local/global Qwen2 layers, ...) is refused
+  by `llmstack import` with exit 2 and one line naming the feature and the nearest supported one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file, save_file
+
+from llmstack import models
+from llmstack.generate import generate
+from llmstack.models import hf
+from llmstack.models.layers import causal_padding_mask
+
+V = 128
+IDS = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, initializer_range=0.02, attention_dropout=0.0)
+
+# meta-llama/Llama-3.2-1B: 16 -> 2 layers, width 2048 -> 128 (32 heads of 64 -> 4 of 32, GQA 4:1);
+# contexts / 256: original 8192 -> 32, max 131072 -> 512. With theta 5e5 and head_dim 32 the
+# wavelengths (6.3, 14.3, 32.4, ...) fall in all three llama3 bands: kept (< 32/4), smoothed, / 32.
+LLAMA_3_2 = dict(IDS, model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=128,
+                 intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                 hidden_act="silu", max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                               "original_max_position_embeddings": 32, "rope_type": "llama3"},
+                 tie_word_embeddings=True, attention_bias=False, mlp_bias=False, pretraining_tp=1)
+# lmsys/vicuna-7b-v1.5-16k (Llama 2, position interpolation): 4096 -> 32 context, linear factor 4
+LLAMA_2_LINEAR = dict(IDS, model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                      intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      rope_scaling={"factor": 4.0, "type": "linear"}, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, pretraining_tp=1)
+# Qwen/Qwen2.5-0.5B-Instruct plus the YaRN block its model card adds for long inputs: 24 -> 2
+# layers, 14 heads of 64 -> 7 of 16 (GQA 7:1), context 32768 -> 64 (max_position_embeddings left
+# at the original, as there: the model runs to factor x 64 = 256).
+QWEN_2_5 = dict(IDS, model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=112, intermediate_size=608,
+                num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, hidden_act="silu",
+                max_position_embeddings=64, max_window_layers=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                rope_scaling={"factor": 4.0, "original_max_position_embeddings": 64, "type": "yarn"},
+                sliding_window=64, use_sliding_window=False, tie_word_embeddings=True)
+# mistralai/Mistral-7B-v0.1: 32 -> 2 layers, 32 heads of 128 -> 4 of 16 (GQA 4:1); window 4096 -> 16
+MISTRAL_7B = dict(IDS, model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
+                  intermediate_size=224, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  hidden_act="silu", max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  sliding_window=16, tie_word_embeddings=False)
+
+# (id, config.json, the threshold the batch goes beyond, the HF class of the export)
+CASES = [
+    ("llama-3.2-llama3", LLAMA_3_2, 32, "LlamaForCausalLM"),
+    ("llama-2-linear", LLAMA_2_LINEAR, 32, "LlamaForCausalLM"),
+    ("qwen2.5-yarn", QWEN_2_5, 64, "Qwen2ForCausalLM"),
+    ("mistral-7b-sliding", MISTRAL_7B, 16, "MistralForCausalLM"),
+]
+T = 96  # batch length: every row crosses every case's threshold by 16 positions or more
+PROMPTS = [[5 + (7 * i) % 120 for i in range(40)], [9, 10, 11, 12, 13, 14, 15], list(range(20, 48)), [30, 31]]
+NEW_TOKENS = 36  # the 40-token prompt continues to position 75
+
+
+def write_published(d, config: dict, seed: int = 0):
+    """An HF directory with the published-style config.json and random weights (perturbed away
+    from init, so every tensor, norm gains and biases included, matters)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(d), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(d)
+    (d / "config.json").write_text(json.dumps(config, indent=2))  # the published spelling, not transformers 5's
+    return tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def import_native(d):
+    family, cfg, state, _ = hf.load_pretrained(d)
+    assert family == "gpt"
+    ours = models.build_model("gpt", cfg)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    return cfg, state, ours.eval()
+
+
+def padded_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (3, T), generator=g)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[0, :12] = 0  # left padding (as batched inference pads)
+    mask[1, :3] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def logit_diff(ours, theirs, ids, mask) -> float:
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(ids, position_ids=pos, attn_mask=causal_padding_mask(mask.bool()))
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    keep = mask.bool()
+    return (a[keep] - b[keep]).abs().max().item()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def imported(request, tmp_path_factory):
+    name, config, threshold, cls = request.param
+    d = tmp_path_factory.mktemp(name) / "hf"
+    theirs = write_published(d, config)
+    cfg, state, ours = import_native(d)
+    return dict(name=name, dir=d, theirs=theirs, cfg=cfg, state=state, ours=ours, threshold=threshold, cls=cls)
+
+
+def test_import_logits_equal_transformers_beyond_the_threshold(imported):
+    ours, theirs, cfg = imported["ours"], imported["theirs"], imported["cfg"]
+    ids, mask = padded_batch()
+    assert mask.sum(-1).min() > imported["threshold"] + 16  # real positions well beyond it
+    diff = logit_diff(ours, theirs, ids, mask)
+    print(f"\n{imported['name']}: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+    # the feature is what makes them equal: without it the logits move by far more than 1e-4
+    off = dataclasses.replace(cfg, rope_scaling=None) if cfg.rope_scaling else \
+        dataclasses.replace(cfg, attn_pattern="full", attn_window=0)
+    plain = models.build_model("gpt", off)
+    plain.load_state_dict(imported["state"], strict=False)
+    assert logit_diff(plain.eval(), theirs, ids, mask) > 1e-2
+
+
+def test_import_reads_the_published_config(imported):
+    cfg, name = imported["cfg"], imported["name"]
+    if name.startswith("llama-3.2"):
+        assert cfg.rope_scaling == {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32}
+        assert (cfg.rope_theta, cfg.max_seq_len, cfg.tie_embeddings) == (500000.0, 512, True)
+    elif name.startswith("llama-2"):
+        assert cfg.rope_scaling == {"type": "linear", "factor": 4.0}
+    elif name.startswith("qwen2.5"):
+        assert cfg.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+        assert (cfg.bias, cfg.qkv_bias, cfg.tie_embeddings) == (False, True, True)
+        assert cfg.max_seq_len == 256 and cfg.attn_pattern == "full"  # the YaRN context; no window
+        assert imported["ours"].blocks[0].attn.proj.bias is None
+    else:
+        assert (cfg.attn_pattern, cfg.attn_window, cfg.rope_scaling) == ("sliding", 16, None)
+
+
+def test_export_round_trip_is_bit_exact(imported, tmp_path):
+    cfg, state, d = imported["cfg"], imported["state"], imported["dir"]
+    hf.save_pretrained("gpt", cfg, {k: v.clone() for k, v in state.items()}, tmp_path, pad_id=0, bos_id=1, eos_id=2)
+    # HF -> native -> HF: every tensor back bit for bit
+    original, exported = load_file(d / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert set(exported) == set(original) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    for k, t in exported.items():
+        assert t.dtype == original[k].dtype and torch.equal(t, original[k]), k
+    # ... under the same architecture, with the same rope parameters and window
+    a, b = tf.AutoConfig.from_pretrained(d), tf.AutoConfig.from_pretrained(tmp_path)
+    assert b.architectures == [imported["cls"]] and b.model_type == a.model_type
+    legacy = {"type"}  # the pre-5 spelling of rope_type, which transformers keeps alongside
+    assert b.rope_parameters == {k: v for k, v in a.rope_parameters.items() if k not in legacy}
+    for key in ("sliding_window", "use_sliding_window", "tie_word_embeddings", "num_key_value_heads", "head_dim",
+                "attention_bias", "mlp_bias"):
+        assert getattr(b, key, None) == getattr(a, key, None), key
+    # native -> HF -> native: the same config and state
+    family, cfg2, state2, _ = hf.load_pretrained(tmp_path)
+    assert family == "gpt" and cfg2 == cfg
+    assert set(state2) == set(state) and all(torch.equal(state2[k], state[k]) for k in state)
+    # and transformers runs the export as it ran the original
+    theirs2 = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, mask = padded_batch(seed=2)
+    assert logit_diff(imported["ours"], theirs2, ids, mask) < 1e-4
+
+
+def hf_greedy(theirs, prompts, max_new_tokens):
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    theirs.generation_config.eos_token_id = None  # run every row to max_new_tokens, as ours does
+    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=0)
+    return out[:, L:].tolist()
+
+
+def test_greedy_generation_equals_transformers(imported):
+    got = generate(imported["ours"], PROMPTS, max_new_tokens=NEW_TOKENS)
+    want = hf_greedy(imported["theirs"], PROMPTS, NEW_TOKENS)
+    assert got == want
+    assert all(len(set(row[-20:])) > 3 for row in got), "continuations should vary (a meaningful check)"
+
+
+@pytest.mark.parametrize("extra", [
+    dict(beta_fast=16, beta_slow=2, mscale=1.0, mscale_all_dim=0.5, truncate=False),  # DeepSeek-V3 / gpt-oss keys
+    dict(attention_factor=1.25),
+], ids=["mscale-untruncated", "attention-factor"])
+def test_yarn_options_match_transformers(extra, tmp_path):
+    config = dict(QWEN_2_5, rope_scaling=dict(QWEN_2_5["rope_scaling"], **extra))
+    theirs = write_published(tmp_path / "hf", config, seed=4)
+    cfg, _, ours = import_native(tmp_path / "hf")
+    assert all(cfg.rope_scaling[k] == v for k, v in extra.items())
+    assert logit_diff(ours, theirs, *padded_batch()) < 1e-4
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+REFUSED = [
+    ("dynamic-rope", dict(LLAMA_2_LINEAR, rope_scaling={"factor": 2.0, "type": "dynamic"}), ["'dynamic'", "yarn"]),
+    ("longrope", dict(LLAMA_2_LINEAR, rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
+                                                     "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}),
+     ["'longrope'", "linear, llama3, yarn"]),
+    ("qwen2-mixed-window", dict(QWEN_2_5, use_sliding_window=True, max_window_layers=1),
+     ["1 of 2 layers", "max_window_layers=0"]),
+    ("partial-rotary", dict(MISTRAL_7B, partial_rotary_factor=0.5), ["partial_rotary_factor=0.5", "1.0"]),
+    ("mistral-head-dim", dict(MISTRAL_7B, head_dim=32), ["head_dim=32", "head_dim=16"]),
+]
+
+
+@pytest.mark.parametrize("config,words", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_import_refuses_what_has_no_native_counterpart(config, words, tmp_path, capsys):
+    from llmstack.cli import main
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    save_file({"model.norm.weight": torch.ones(4)}, str(d / "model.safetensors"))  # refused before any tensor
+    assert main(["import", str(d), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mistral_window_defaults_as_transformers():
+    """No sliding_window key: MistralConfig's 4096; null: full attention (Mistral 7B v0.2 on)."""
+    cfg = {k: v for k, v in MISTRAL_7B.items() if k != "sliding_window"}
+    _, arch, native = hf.native_config(cfg, lambda k: True, lambda a, b: False)
+    assert arch == "mistral" and (native.attn_pattern, native.attn_window) == ("sliding", 4096)
+    _, _, native = hf.native_config(dict(MISTRAL_7B, sliding_window=None), lambda k: True, lambda a, b: False)
+    assert native.attn_pattern == "full"
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(attn_pattern="sliding", attn_window=8, bias=True), "model.bias=true"),
+    (dict(bias=True, qkv_bias=False), "model.qkv_bias=false"),
+])
+def test_export_refuses_native_configs_without_an_hf_counterpart(overrides, words, tmp_path):
+    cfg = models.build_config("gpt", "llama-tiny", V, n_layer=1, d_model=32, max_seq_len=32, **overrides)
+    with pytest.raises(hf.ConversionError, match=words.replace(".", r"\.")):
+        hf.save_pretrained("gpt", cfg, {}, tmp_path / "out")
+
+
+@pytest.mark.parametrize("scaling,words", [
+    ({"type": "dynamic", "factor": 2.0}, "nearest supported: yarn"),
+    ({"type": "llama3", "factor": 8.0}, "needs high_freq_factor"),
+    ({"type": "linear", "factor": 2.0, "beta_fast": 4}, "unknown key(s) beta_fast"),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 64}, "must exceed"),
+])
+def test_rope_scaling_is_validated_with_clear_errors(scaling, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        models.build_config("gpt", "llama-tiny", V, rope_scaling=scaling)
+    with pytest.raises(ValueError, match="pos=rotary"):
+        models.build_config("gpt", "gpt2-tiny", V, rope_scaling={"type": "linear", "factor": 2.0})
