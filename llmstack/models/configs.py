@@ -58,12 +58,32 @@ class GPTConfig:
     # rotary frequency scaling for contexts beyond the pretraining one (see ROPE_SCALING); None: off
     rope_scaling: dict | None = None
     qkv_bias: bool | None = None  # None: same as bias; true with bias=false: Qwen2's q/k/v-only biases
+    d_head: int | None = None  # per-head dim; None: d_model // n_head (Qwen3: n_head * d_head != d_model)
+    qk_norm: bool = False  # q and k normed per head (model.norm over d_head) before rotary (Qwen3)
+    rotary_pct: float = 1.0  # rotary: the share of each head's dims that rotate, the first ones (Pythia: 0.25)
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) in one step (GPT-J, GPT-NeoX / Pythia)
+    # the HF model_type an import came from, where the architecture alone does not decide the export
+    # (Phi-3 is a LLaMA with fused qkv / gate_up tensors): export writes that layout again; None: decided
+    hf_model_type: str | None = None
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        if self.d_head is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head} (or set d_head)")
+        if self.d_head is not None and self.d_head < 1:
+            raise ValueError(f"d_head={self.d_head} must be >= 1")
         check_rope_scaling(self.rope_scaling, self.pos)
+        if self.rotary_pct != 1.0:
+            if self.pos != "rotary":
+                raise ValueError(f"rotary_pct applies to rotary positions (pos=rotary), not pos={self.pos}")
+            if not 0 < self.rotary_pct <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ValueError(f"rotary_pct={self.rotary_pct} must be in (0, 1] and rotate an even number >= 2 of "
+                                 f"the {self.head_dim} head dims (it rotates {self.rotary_dim})")
+        if self.parallel_residual and self.norm_position != "pre":
+            raise ValueError("parallel_residual=true needs norm_position=pre (each branch reads its own norm of x)")
+        if self.hf_model_type not in (None, "phi3"):
+            raise ValueError(f"hf_model_type={self.hf_model_type!r} is not one of phi3 (or null: decided by the "
+                             "architecture)")
         n_kv = self.n_kv_head or self.n_head
         if self.n_head % n_kv:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={n_kv}")
@@ -82,7 +102,12 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        """Head dims that rotate: the first int(head_dim * rotary_pct), as transformers rounds."""
+        return int(self.head_dim * self.rotary_pct)
 
     @property
     def kv_heads(self) -> int:
@@ -123,9 +148,13 @@ ROPE_SCALING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Not implemented, with the supported type nearest to each: transformers' `dynamic` recomputes the
 # frequencies from the longest position of each forward call and keeps the largest seen so far,
 # so a token's rotation depends on the batch and on earlier calls (and differs between a
-# KV-cached and a full recomputation): no fixed table reproduces it.
+# KV-cached and a full recomputation): no fixed table reproduces it. `longrope` (Phi-3 128k) picks
+# its short or its long per-frequency factors by the longest position of each call, alike.
 ROPE_SCALING_NEAREST = {"dynamic": "yarn (static NTK-by-parts, the same factor over the original context) or "
-                                   "linear (the same factor)"}
+                                   "linear (the same factor)",
+                        "longrope": "yarn (one fixed NTK-by-parts table over original_max_position_embeddings; "
+                                    "longrope switches between a short and a long factor table with the longest "
+                                    "position of each forward call)"}
 
 
 def _number(v) -> bool:

@@ -2,12 +2,15 @@
 
 Design choices, each a config option rather than a separate class (the pieces live in layers.py):
 - positions: learned absolute (GPT-2), sinusoidal absolute, rotary (LLaMA, half-rotation layout
-  as in HF), ALiBi (a per-head linear bias on attention scores), or none
+  as in HF; optionally on the first rotary_pct of each head only, as GPT-NeoX), ALiBi (a per-head
+  linear bias on attention scores), or none
 - attention: multi-head, grouped- or multi-query (n_kv_head < n_head), one fused QKV matmul,
-  PyTorch SDPA; patterns full causal, sliding window, strided or fixed (sparse transformers) as
-  masks over SDPA; attention dropout
-- norm: LayerNorm (with or without bias) or RMSNorm; pre-norm (default) or post-norm; a final
-  norm (default on); optional LayerScale on both residual branches
+  PyTorch SDPA; a head dim of its own (n_head * d_head may differ from d_model) and per-head
+  q/k norms before rotary (Qwen3); patterns full causal, sliding window, strided or fixed (sparse
+  transformers) as masks over SDPA; attention dropout
+- norm: LayerNorm (with or without bias) or RMSNorm; pre-norm (default), post-norm, or pre-norm
+  with parallel attention and MLP branches (GPT-NeoX); a final norm (default on); optional
+  LayerScale on both residual branches
 - MLP: plain 4x with any activation (default GELU, tanh approximation, as GPT-2) or gated
   SwiGLU / GEGLU / ReGLU at 2/3 of the width (same parameter count)
 - tied or untied input/output embeddings; dropout on residual branches and attention weights
@@ -60,8 +63,11 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slot of a KV cache is ours
         # one matmul for q, k, v: output [q (nh*hd) | k (nkv*hd) | v (nkv*hd)]
         self.qkv = Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_biased)
-        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj = Linear(self.n_head * self.hd, cfg.d_model, bias=cfg.bias)
         self.proj.residual_scaled = True  # read by init: GPT-2 scaled residual init
+        # Qwen3's qk-norm: q and k normed over each head's dims before rotary (None: off)
+        self.q_norm = make_norm(cfg.norm, self.hd, cfg.norm_eps, cfg.bias) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg.norm, self.hd, cfg.norm_eps, cfg.bias) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
         self.resid_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -69,6 +75,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.hd).transpose(1, 2)  # heads of q | k | v
         q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         causal = True
@@ -83,18 +91,20 @@ class CausalSelfAttention(nn.Module):
                 else:  # SDPA's is_causal aligns top-left; new queries sit at the bottom right
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = attention(q, k, v, causal=causal, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # re-assemble heads: (B, T, nh*hd)
         return self.resid_drop(self.proj(y))
 
 
 class Block(nn.Module):
     """Pre-norm block: x + ls(attn(norm(x))), then x + ls(mlp(norm(x))) (GPT-2 onwards);
-    post-norm: norm(x + attn(x)), then norm(x + mlp(x)) (Vaswani et al. 2017). `ls` is LayerScale
-    when on, else nothing."""
+    post-norm: norm(x + attn(x)), then norm(x + mlp(x)) (Vaswani et al. 2017); parallel residual:
+    x + ls(attn(norm_1(x))) + ls(mlp(norm_2(x))) (GPT-J, GPT-NeoX). `ls` is LayerScale when on,
+    else nothing."""
 
     def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.post = cfg.norm_position == "post"
+        self.parallel = cfg.parallel_residual
         self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
@@ -106,6 +116,8 @@ class Block(nn.Module):
         self.ls_2 = LayerScale(cfg.d_model, cfg.layer_scale) if ls else nn.Identity()
 
     def forward(self, x, rope=None, mask=None, cache=None):
+        if self.parallel:  # both branches read x (GPT-J / GPT-NeoX), each through its own norm
+            return x + self.ls_1(self.attn(self.ln_1(x), rope, mask, cache)) + self.ls_2(self.mlp(self.ln_2(x)))
         if self.post:
             x = self.ln_1(x + self.ls_1(self.attn(x, rope, mask, cache)))
             return self.ln_2(x + self.ls_2(self.mlp(x)))
@@ -144,7 +156,7 @@ class GPT(nn.Module):
             c, tables = self.config, {}
             with torch.autocast(device.type, enabled=False):
                 if c.pos == "rotary":
-                    tables["rope"] = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device,
+                    tables["rope"] = rotary_tables(c.rotary_dim, c.max_seq_len, c.rope_theta, device=device,
                                                    scaling=c.rope_scaling)
                 elif c.pos == "sinusoidal":
                     tables["pe"] = sinusoidal_table(c.max_seq_len, c.d_model).to(device)

@@ -2,13 +2,17 @@
 
 Targets: gpt2-style GPT <-> GPT2LMHeadModel, llama-style GPT <-> LlamaForCausalLM (grouped-query
 attention; our rotary layout is HF's "rotate half", so q/k need no permutation), and its kin
-Qwen2ForCausalLM (q/k/v biases without an output bias) and MistralForCausalLM (sliding-window
-attention), each with rotary scaling (linear, llama3, yarn); BERT <-> BertForMaskedLM, T5 <->
+Qwen2ForCausalLM (q/k/v biases without an output bias), MistralForCausalLM (sliding-window
+attention), Qwen3ForCausalLM (per-head q/k RMSNorm, a head_dim of its own) and Phi3ForCausalLM
+(the same network with fused qkv_proj and gate_up_proj tensors, which are ours as they are), each
+with rotary scaling (linear, llama3, yarn); GPT-NeoX-style GPT (parallel residual, partial
+rotary, LayerNorm, biases) <-> GPTNeoXForCausalLM (Pythia); BERT <-> BertForMaskedLM, T5 <->
 T5ForConditionalGeneration.
 
 One table per architecture (`_maps`) lists, for each native tensor, the HF tensors it corresponds
-to: a plain copy, a transpose (GPT-2's Conv1D stores (in, out)), or a split along rows (our fused
-q|k|v and gate|up matmuls are several HF Linears). Export walks the table one tensor at a time
+to: a plain copy, a transpose (GPT-2's Conv1D stores (in, out)), a split along rows (our fused
+q|k|v and gate|up matmuls are several HF Linears), or a per-head interleave (GPT-NeoX fuses q|k|v
+head by head). Export walks the table one tensor at a time
 and writes safetensors shards as they fill, so at most one shard exists next to the native
 weights; import reads tensor by tensor and refuses any HF tensor it does not consume, so a
 mismatch fails loudly instead of producing gibberish. Transposes, slices and concatenations
@@ -44,8 +48,13 @@ _FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
                 "silu": "silu", "swish": "silu", "mish": "mish"}
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mistral": "MistralForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
-LLAMA_LIKE = ("llama", "qwen2", "mistral")  # one tensor layout; they differ in biases and attention window
+                 "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gpt_neox": "GPTNeoXForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
+# one network (RMSNorm, gated MLP, rotary): they differ in biases, attention window, q/k norms and
+# (Phi-3) in fused tensors
+LLAMA_LIKE = ("llama", "qwen2", "mistral", "qwen3", "phi3")
+_NAMES = {"llama": "LLaMA", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "phi3": "Phi-3",
+          "gpt_neox": "GPT-NeoX"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Map:
     rows: tuple[int, ...] | None = None  # None: one part, all rows
     transpose: bool = False
     optional: bool = False  # import: skipped when the checkpoint lacks it (a later entry supplies the tensor)
+    heads: int = 0  # > 0: HF rows are [q_h | k_h | v_h] head by head (GPT-NeoX), ours [q | k | v]
 
 
 def _one(native: str, hf: str, transpose: bool = False) -> Map:
@@ -125,18 +135,51 @@ def _gpt_target(c: GPTConfig) -> str:
                     (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)"),
                     (c.attn_pattern == "sliding", "model.attn_pattern=sliding (GPT-2 has no sliding window; "
                                                   "Mistral has, with model.pos=rotary)"),
-                    (c.qkv_biased != c.bias, f"model.qkv_bias={c.qkv_bias} (GPT-2 biases every projection alike)")]
+                    (c.qkv_biased != c.bias, f"model.qkv_bias={c.qkv_bias} (GPT-2 biases every projection alike)"),
+                    (c.parallel_residual, "model.parallel_residual=true (GPT-2 blocks are sequential; GPT-NeoX's "
+                                          "are parallel, with model.pos=rotary)"),
+                    (c.qk_norm, "model.qk_norm=true (GPT-2 has no q/k norms; Qwen3 has, with model.pos=rotary)"),
+                    (c.n_head * c.head_dim != c.d_model,
+                     f"model.d_head={c.d_head} (GPT-2's heads split d_model: model.d_head unset)")]
         name = "gpt2"
-    else:  # rotary: LLaMA; Qwen2 with q/k/v-only biases; Mistral with a sliding window (Qwen2 may have one)
-        name = "qwen2" if c.qkv_biased and not c.bias else "mistral" if c.attn_pattern == "sliding" else "llama"
-        blockers = [(c.norm != "rmsnorm", f"model.norm={c.norm} (needs rmsnorm)"),
-                    (c.mlp == "gelu", "model.mlp=gelu (needs a gated MLP: swiglu, geglu or reglu)"),
-                    (name == "mistral" and c.bias, "model.bias=true (Mistral has no biases; Qwen2, with a sliding "
-                                                   "window too, has q/k/v biases: model.bias=false "
-                                                   "model.qkv_bias=true)"),
-                    (name == "llama" and c.bias and not c.qkv_biased,
-                     "model.qkv_bias=false with model.bias=true (LLaMA's attention_bias covers q, k, v and o alike; "
-                     "q/k/v biases alone are Qwen2's: model.bias=false model.qkv_bias=true)")]
+    else:
+        name = _rotary_target(c)
+        own_head_dim = name in ("llama", "mistral", "qwen3")  # their configs carry a head_dim of their own
+        split = c.n_head * c.head_dim != c.d_model and not own_head_dim
+        blockers = [(split, f"model.d_head={c.d_head} ({_NAMES[name]}'s heads split d_model: model.d_head unset; "
+                            "LLaMA, Mistral and Qwen3 take a head_dim of their own)"),
+                    (name not in ("gpt_neox", "qwen3") and c.qk_norm,
+                     f"model.qk_norm=true ({_NAMES[name]} has no q/k norms; Qwen3 has)")]
+        if name == "gpt_neox":
+            blockers += [
+                (not c.bias or not c.qkv_biased, f"model.bias={c.bias} model.qkv_bias={c.qkv_bias} (GPT-NeoX biases "
+                                                 "every projection and norm: model.bias=true, qkv_bias unset)"),
+                (c.kv_heads != c.n_head, f"model.n_kv_head={c.n_kv_head} (GPT-NeoX has no grouped-query attention)"),
+                (c.attn_pattern == "sliding", "model.attn_pattern=sliding (GPT-NeoX has no sliding window; Mistral "
+                                              "has, with model.norm=rmsnorm and a gated MLP)"),
+                (c.qk_norm, "model.qk_norm=true (GPT-NeoX has no q/k norms; Qwen3 has, with model.norm=rmsnorm)")]
+        else:
+            neox = "GPT-NeoX's, with model.norm=layernorm model.mlp=gelu"
+            blockers += [
+                (c.norm != "rmsnorm", f"model.norm={c.norm} (needs rmsnorm; LayerNorm with a plain MLP is {neox})"),
+                (c.mlp == "gelu", "model.mlp=gelu (needs a gated MLP: swiglu, geglu or reglu; a plain MLP with "
+                                  "LayerNorm is GPT-NeoX's)"),
+                (c.parallel_residual, f"model.parallel_residual=true (LLaMA-style blocks are sequential; parallel "
+                                      f"ones are {neox})"),
+                (c.rotary_pct != 1.0 and name != "phi3",
+                 f"model.rotary_pct={c.rotary_pct} ({_NAMES[name]} rotates whole heads: model.rotary_pct=1.0; "
+                 f"partial rotary is {neox})"),
+                (name == "mistral" and c.bias, "model.bias=true (Mistral has no biases; Qwen2, with a sliding "
+                                               "window too, has q/k/v biases: model.bias=false model.qkv_bias=true)"),
+                (name == "llama" and c.bias and not c.qkv_biased,
+                 "model.qkv_bias=false with model.bias=true (LLaMA's attention_bias covers q, k, v and o alike; "
+                 "q/k/v biases alone are Qwen2's: model.bias=false model.qkv_bias=true)"),
+                (name in ("qwen3", "phi3") and (c.bias or c.qkv_biased),
+                 f"model.bias={c.bias} model.qkv_bias={c.qkv_bias} ({_NAMES[name]} without biases is what is "
+                 "supported: model.bias=false, qkv_bias unset)"),
+                (name == "phi3" and c.rope_scaling is not None,
+                 f"model.rope_scaling type {(c.rope_scaling or {}).get('type')} (Phi-3's only scaled rope is "
+                 "longrope, which is not supported: rope_scaling unset)")]
     arch = ARCHITECTURES[name]
     bad = [msg for cond, msg in blockers if cond]
     if bad:
@@ -146,14 +189,27 @@ def _gpt_target(c: GPTConfig) -> str:
     return name
 
 
+def _rotary_target(c: GPTConfig) -> str:
+    """The HF architecture a rotary GPT is meant for (`_gpt_target` then checks that it fits)."""
+    if c.hf_model_type is not None:  # the layout it was imported from (Phi-3's fused tensors)
+        return c.hf_model_type
+    if c.norm == "layernorm" and c.mlp == "gelu":
+        return "gpt_neox"
+    if c.qk_norm:
+        return "qwen3"
+    if c.qkv_biased and not c.bias:  # Qwen2: q/k/v biases alone (with a sliding window too)
+        return "qwen2"
+    return "mistral" if c.attn_pattern == "sliding" else "llama"
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter tables
 # ---------------------------------------------------------------------------------------------
 
 
 def _maps(arch: str, cfg) -> list[Map]:
-    return {"gpt2": _gpt2_maps, "llama": _llama_maps, "qwen2": _llama_maps, "mistral": _llama_maps, "bert": _bert_maps,
-            "t5": _t5_maps}[arch](cfg)
+    return {"gpt2": _gpt2_maps, **{a: _llama_maps for a in LLAMA_LIKE if a != "phi3"}, "phi3": _phi3_maps,
+            "gpt_neox": _neox_maps, "bert": _bert_maps, "t5": _t5_maps}[arch](cfg)
 
 
 def _gpt2_maps(c: GPTConfig) -> list[Map]:
@@ -180,6 +236,9 @@ def _llama_maps(c: GPTConfig) -> list[Map]:
         n, h = f"blocks.{i}", f"model.layers.{i}"
         maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", False)
         maps += _split(f"{n}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], c.qkv_biased)
+        if c.qk_norm:  # Qwen3
+            maps += _norm(f"{n}.attn.q_norm", f"{h}.self_attn.q_norm", False)
+            maps += _norm(f"{n}.attn.k_norm", f"{h}.self_attn.k_norm", False)
         maps += _linear(f"{n}.attn.proj", f"{h}.self_attn.o_proj", c.bias)
         maps += _norm(f"{n}.ln_2", f"{h}.post_attention_layernorm", False)
         maps += _split(f"{n}.mlp.fc", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], [ff, ff], c.bias)
@@ -187,6 +246,43 @@ def _llama_maps(c: GPTConfig) -> list[Map]:
     maps += _norm("ln_f", "model.norm", False)
     if not c.tie_embeddings:
         maps.append(_one("lm_head.weight", "lm_head.weight"))
+    return maps
+
+
+def _phi3_maps(c: GPTConfig) -> list[Map]:
+    """Phi-3: LLaMA's tensors with q|k|v fused as qkv_proj and gate|up as gate_up_proj, in our order."""
+    maps = [_one("wte.weight", "model.embed_tokens.weight")]
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"model.layers.{i}"
+        maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", False)
+        maps += _linear(f"{n}.attn.qkv", f"{h}.self_attn.qkv_proj", False)  # [q | k | v]
+        maps += _linear(f"{n}.attn.proj", f"{h}.self_attn.o_proj", False)
+        maps += _norm(f"{n}.ln_2", f"{h}.post_attention_layernorm", False)
+        maps += _linear(f"{n}.mlp.fc", f"{h}.mlp.gate_up_proj", False)  # [gate | up]: chunk(2) in Phi3MLP
+        maps += _linear(f"{n}.mlp.proj", f"{h}.mlp.down_proj", False)
+    maps += _norm("ln_f", "model.norm", False)
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "lm_head.weight"))
+    return maps
+
+
+def _neox_maps(c: GPTConfig) -> list[Map]:
+    """GPT-NeoX / Pythia. Its query_key_value is fused head by head ([q_h | k_h | v_h] for each
+    head h, split by `view(..., nh, 3 * hd).chunk(3)`), ours part by part: a per-head interleave.
+    The output embedding is written under its published name, embed_out (transformers 5 reads it)."""
+    maps = [_one("wte.weight", "gpt_neox.embed_in.weight")]
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"gpt_neox.layers.{i}"
+        maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", True)
+        maps += [Map(f"{n}.attn.qkv.{p}", (f"{h}.attention.query_key_value.{p}",), heads=c.n_head)
+                 for p in ("weight", "bias")]
+        maps += _linear(f"{n}.attn.proj", f"{h}.attention.dense", True)
+        maps += _norm(f"{n}.ln_2", f"{h}.post_attention_layernorm", True)
+        maps += _linear(f"{n}.mlp.fc", f"{h}.mlp.dense_h_to_4h", True)
+        maps += _linear(f"{n}.mlp.proj", f"{h}.mlp.dense_4h_to_h", True)
+    maps += _norm("ln_f", "gpt_neox.final_layer_norm", True)
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "embed_out.weight"))
     return maps
 
 
@@ -270,8 +366,7 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
                              initializer_range=cfg.init_std, **common)
     if arch in LLAMA_LIKE:
         act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else _hf_act(cfg.act, "model.activation")
-        scaling = dict(cfg.rope_scaling or {})
-        rope = {"rope_type": scaling.pop("type", "default"), "rope_theta": float(cfg.rope_theta), **scaling}
+        rope = _hf_rope(cfg, partial=arch == "phi3")
         shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
                       hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
@@ -282,11 +377,26 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
             return tf.LlamaConfig(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias, **shared)
         if arch == "mistral":  # (the same "keys i - j < w" window as ours)
             return tf.MistralConfig(head_dim=cfg.head_dim, sliding_window=window, **shared)
-        # Qwen2: a window on the layers from max_window_layers on; ours is on every layer or none
+        if arch == "phi3":  # (Mistral's window; original_max_position_embeddings matters to longrope only;
+            # attention_bias: not read by transformers, written as Phi-3's published configs do)
+            return tf.Phi3Config(sliding_window=window, original_max_position_embeddings=cfg.max_seq_len,
+                                 resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attention_bias=False, **shared)
+        # Qwen2 / Qwen3: a window on the layers from max_window_layers on; ours is on every layer or none
         kind = "sliding_attention" if window else "full_attention"
-        return tf.Qwen2Config(use_sliding_window=window is not None, sliding_window=window,
-                              max_window_layers=0 if window else cfg.n_layer, layer_types=[kind] * cfg.n_layer,
-                              **shared)
+        qwen = dict(use_sliding_window=window is not None, sliding_window=window,
+                    max_window_layers=0 if window else cfg.n_layer, layer_types=[kind] * cfg.n_layer, **shared)
+        if arch == "qwen3":
+            return tf.Qwen3Config(head_dim=cfg.head_dim, attention_bias=False, **qwen)
+        return tf.Qwen2Config(**qwen)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                                num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
+                                hidden_act=_hf_act(cfg.act, "model.activation"),
+                                max_position_embeddings=cfg.max_seq_len, layer_norm_eps=cfg.norm_eps,
+                                use_parallel_residual=cfg.parallel_residual, attention_bias=True,
+                                rope_parameters=_hf_rope(cfg, partial=True),
+                                attention_dropout=cfg.attn_dropout, hidden_dropout=cfg.dropout,
+                                initializer_range=cfg.init_std, **common)
     if arch == "bert":
         return tf.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                              num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
@@ -303,6 +413,14 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
                        relative_attention_max_distance=cfg.rel_max_distance, dropout_rate=cfg.dropout,
                        layer_norm_epsilon=cfg.norm_eps, initializer_factor=cfg.init_factor, feed_forward_proj=cfg.ffn,
                        decoder_start_token_id=cfg.pad_id, **common)
+
+
+def _hf_rope(cfg: GPTConfig, partial: bool) -> dict:
+    """transformers 5's rope_parameters of a rotary GPT (with partial_rotary_factor where the
+    architecture reads it)."""
+    scaling = dict(cfg.rope_scaling or {})
+    rope = {"rope_type": scaling.pop("type", "default"), "rope_theta": float(cfg.rope_theta), **scaling}
+    return {**rope, "partial_rotary_factor": cfg.rotary_pct} if partial else rope
 
 
 def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str], bool]) -> tuple[str, str, object]:
@@ -337,6 +455,8 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
         return "gpt", "gpt2", cfg
     if mt in LLAMA_LIKE:
         return "gpt", mt, _llama_like_config(mt, hf, act, tied("lm_head.weight", "model.embed_tokens.weight"))
+    if mt == "gpt_neox":
+        return "gpt", mt, _neox_config(hf, act, tied("embed_out.weight", "gpt_neox.embed_in.weight"))
     if mt == "bert":
         if hf.get("is_decoder") or hf.get("position_embedding_type", "absolute") != "absolute":
             raise ConversionError("only encoder BERT with absolute positions is supported")
@@ -365,53 +485,101 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
                        init_factor=hf.get("initializer_factor", 1.0),
                        pad_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")) or 0)
         return "t5", "t5", cfg
-    raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, {', '.join(LLAMA_LIKE)}, bert, t5)")
+    raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, {', '.join(LLAMA_LIKE)}, gpt_neox, "
+                          "bert, t5)")
 
 
 def _llama_like_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: bool) -> GPTConfig:
-    """The GPT of a llama / qwen2 / mistral config.json; a key it lacks takes the default of
-    transformers' config class (e.g. Mistral's sliding_window=4096), as from_pretrained does."""
+    """The GPT of a llama / qwen2 / mistral / qwen3 / phi3 config.json; a key it lacks takes the default
+    of transformers' config class (e.g. Mistral's sliding_window=4096, Qwen3's head_dim=128), as
+    from_pretrained does."""
     import transformers as tf
 
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[mt]
-    name = {"llama": "LLaMA", "qwen2": "Qwen2", "mistral": "Mistral"}[mt]
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config,
+           "phi3": tf.Phi3Config}[mt]
+    name = _NAMES[mt]
 
     def get(key: str):
         return hf.get(key, getattr(cls, key, None))
 
     heads, d, n_layer = get("num_attention_heads"), get("hidden_size"), get("num_hidden_layers")
-    if get("head_dim") not in (None, d // heads):
-        raise ConversionError(f"{name} head_dim={get('head_dim')} != hidden_size/num_attention_heads is not supported "
-                              f"(the nearest supported: head_dim={d // heads})")
-    max_len = get("max_position_embeddings")
-    theta, scaling = _rope_from_hf(hf, name, max_len)
-    if scaling and scaling["type"] == "yarn" and max_len <= scaling["original_max_position_embeddings"]:
-        # YaRN left at the original context (as Qwen2.5's model cards add it) is meant for factor x that
-        # context, transformers' "implicit factor"; our positions stop at max_seq_len, so it grows
-        max_len = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    head_dim = get("head_dim")
+    split = head_dim is None or (d % heads == 0 and head_dim == d // heads)  # heads split d_model
+    if not split and mt in ("qwen2", "phi3"):
+        raise ConversionError(f"{name} head_dim={head_dim} != hidden_size/num_attention_heads is not supported "
+                              f"(the nearest supported: head_dim={d // heads}; LLaMA, Mistral and Qwen3 take a "
+                              "head_dim of their own)")
+    theta, scaling, partial = _rope_from_hf(hf, mt, get("max_position_embeddings"))
     bias, qkv_bias, window = False, None, None
     if mt == "llama":
         if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
             raise ConversionError("LLaMA attention_bias != mlp_bias is not supported (one `bias` option here)")
         bias = bool(hf.get("attention_bias"))
-    elif mt == "qwen2":
-        qkv_bias, window = True, _qwen2_window(hf, get, n_layer)
-    else:
+    elif mt in ("qwen2", "qwen3"):
+        if mt == "qwen3" and get("attention_bias"):
+            raise ConversionError("Qwen3 attention_bias=true is not supported (biases on q, k, v and o but not on the "
+                                  "MLP: no option here); the nearest supported: attention_bias=false (as Qwen3's "
+                                  "published models), or Qwen2's q/k/v-only biases")
+        qkv_bias, window = (True if mt == "qwen2" else None), _qwen2_window(hf, get, n_layer, name)
+    else:  # Mistral, Phi-3
         window = get("sliding_window")
     if window is not None and not (isinstance(window, int) and window >= 1):
         raise ConversionError(f"{name} sliding_window={window!r} is not supported (a whole number >= 1, or null)")
-    return GPTConfig(vocab_size=get("vocab_size"), n_layer=n_layer, n_head=heads,
-                     n_kv_head=get("num_key_value_heads") or heads, d_model=d, d_ff=get("intermediate_size"),
-                     max_seq_len=max_len, pos="rotary", attn_pattern="full" if window is None else "sliding",
-                     attn_window=window or 0, norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
-                     activation=act(get("hidden_act"), "hidden_act"),
-                     bias=bias, qkv_bias=qkv_bias, tie_embeddings=tied, attn_dropout=hf.get("attention_dropout", 0.0),
-                     init_std=hf.get("initializer_range", 0.02), rope_theta=theta, rope_scaling=scaling)
+    try:
+        return GPTConfig(vocab_size=get("vocab_size"), n_layer=n_layer, n_head=heads,
+                         n_kv_head=get("num_key_value_heads") or heads, d_model=d, d_ff=get("intermediate_size"),
+                         d_head=None if split else head_dim,
+                         max_seq_len=_context(get("max_position_embeddings"), scaling), pos="rotary",
+                         attn_pattern="full" if window is None else "sliding", attn_window=window or 0,
+                         norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
+                         activation=act(get("hidden_act"), "hidden_act"), bias=bias, qkv_bias=qkv_bias,
+                         qk_norm=mt == "qwen3", tie_embeddings=tied, dropout=hf.get("resid_pdrop", 0.0) or 0.0,
+                         attn_dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
+                         rope_theta=theta, rope_scaling=scaling, rotary_pct=partial,
+                         hf_model_type="phi3" if mt == "phi3" else None)
+    except ValueError as e:
+        raise ConversionError(f"{name}: {e}") from None
 
 
-def _qwen2_window(hf: dict, get: Callable[[str], object], n_layer: int) -> int | None:
-    """Qwen2's window (None: none), which must cover every layer or none: transformers puts it on
-    the layers from max_window_layers on, only with use_sliding_window (off in Qwen2/2.5's configs)."""
+def _neox_config(hf: dict, act: Callable[[str, str], str], tied: bool) -> GPTConfig:
+    """The GPT of a gpt_neox config.json (Pythia, GPT-NeoX-20B): LayerNorm with biases, a plain MLP,
+    partial rotary (rotary_pct, default 0.25), parallel residual (use_parallel_residual, default
+    true); a key it lacks takes GPTNeoXConfig's default."""
+    import transformers as tf
+
+    def get(key: str):
+        return hf.get(key, getattr(tf.GPTNeoXConfig, key, None))
+
+    if not get("attention_bias"):
+        raise ConversionError("GPT-NeoX attention_bias=false is not supported (its MLP and norms keep their biases: "
+                              "one `bias` option here); the nearest supported: attention_bias=true, as Pythia")
+    theta, scaling, partial = _rope_from_hf(hf, "gpt_neox", get("max_position_embeddings"))
+    try:
+        return GPTConfig(vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"),
+                         n_head=get("num_attention_heads"), d_model=get("hidden_size"), d_ff=get("intermediate_size"),
+                         max_seq_len=_context(get("max_position_embeddings"), scaling), pos="rotary", norm="layernorm",
+                         norm_eps=get("layer_norm_eps"), mlp="gelu", activation=act(get("hidden_act"), "hidden_act"),
+                         bias=True, tie_embeddings=tied, dropout=get("hidden_dropout") or 0.0,
+                         attn_dropout=get("attention_dropout") or 0.0, init_std=get("initializer_range"),
+                         rope_theta=theta, rope_scaling=scaling, rotary_pct=partial,
+                         parallel_residual=bool(get("use_parallel_residual")))
+    except ValueError as e:
+        raise ConversionError(f"GPT-NeoX: {e}") from None
+
+
+def _context(max_len: int, scaling: dict | None) -> int:
+    """max_seq_len of an imported model: max_position_embeddings, or YaRN's implied context."""
+    if scaling and scaling["type"] == "yarn" and max_len <= scaling["original_max_position_embeddings"]:
+        # YaRN left at the original context (as Qwen2.5's model cards add it) is meant for factor x that
+        # context, transformers' "implicit factor"; our positions stop at max_seq_len, so it grows
+        return int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    return max_len
+
+
+def _qwen2_window(hf: dict, get: Callable[[str], object], n_layer: int, name: str = "Qwen2") -> int | None:
+    """Qwen2's (and Qwen3's) window (None: none), which must cover every layer or none: transformers
+    puts it on the layers from max_window_layers on, only with use_sliding_window (off in their
+    published configs)."""
     window = get("sliding_window") if get("use_sliding_window") else None
     if window is None:
         return None
@@ -420,7 +588,7 @@ def _qwen2_window(hf: dict, get: Callable[[str], object], n_layer: int) -> int |
     if set(kinds) == {"full_attention"}:
         return None
     if set(kinds) != {"sliding_attention"}:
-        raise ConversionError(f"Qwen2 with a sliding window on {kinds.count('sliding_attention')} of {n_layer} layers "
+        raise ConversionError(f"{name} with a sliding window on {kinds.count('sliding_attention')} of {n_layer} layers "
                               "(use_sliding_window=true, max_window_layers="
                               f"{get('max_window_layers')}) is not supported: local and global layers mixed; the "
                               "nearest supported: the window on every layer (max_window_layers=0) or on none "
@@ -428,21 +596,29 @@ def _qwen2_window(hf: dict, get: Callable[[str], object], n_layer: int) -> int |
     return window
 
 
-def _rope_from_hf(hf: dict, name: str, max_len: int) -> tuple[float, dict | None]:
-    """(rope_theta, native rope_scaling) of a config.json's rope_parameters (transformers 5) or
-    rope_scaling + rope_theta (before), with transformers' defaults for what they leave out."""
+def _rope_from_hf(hf: dict, mt: str, max_len: int) -> tuple[float, dict | None, float]:
+    """(rope_theta, native rope_scaling, rotary_pct) of a config.json's rope_parameters
+    (transformers 5) or rope_scaling + rope_theta (before), with transformers' defaults for what they
+    leave out. GPT-NeoX spells rope_theta rotary_emb_base and partial_rotary_factor rotary_pct (0.25)."""
+    name, neox = _NAMES[mt], mt == "gpt_neox"
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta", hf.get("rotary_emb_base" if neox else "rope_theta", 10000.0)))
     if any(isinstance(v, dict) for v in rope.values()):
         raise ConversionError(f"{name} per-layer rope parameters are not supported (one rotary embedding for all "
                               "layers is)")
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
+    partial = rope.get("partial_rotary_factor", hf.get("rotary_pct" if neox else "partial_rotary_factor"))
+    partial = (0.25 if neox else 1.0) if partial is None else partial
+    if partial not in (1, 1.0) and mt not in ("gpt_neox", "phi3"):  # (their rotary code rotates whole heads)
         raise ConversionError(f"{name} partial_rotary_factor={partial} is not supported (the nearest supported: "
-                              "rotary over the whole head, 1.0)")
+                              "rotary over the whole head, 1.0; partial rotary is GPT-NeoX's and Phi-3's)")
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if mt == "phi3" and kind != "default":  # transformers reads Phi-3's "su" and "yarn" as longrope
+        raise ConversionError(f"Phi-3 rope type {kind!r} (longrope in transformers) is not supported: it picks its "
+                              "short or its long factor table by the longest position of each forward call, which "
+                              "no fixed table reproduces; the nearest supported: the default rope of Phi-3's "
+                              "4k-context models (rope_scaling null)")
     if kind == "default":
-        return theta, None
+        return theta, None, float(partial)
     if kind in ROPE_SCALING_NEAREST:
         raise ConversionError(f"{name} rope type {kind!r} is not supported; the nearest supported: "
                               f"{ROPE_SCALING_NEAREST[kind]}")
@@ -460,7 +636,7 @@ def _rope_from_hf(hf: dict, name: str, max_len: int) -> tuple[float, dict | None
         check_rope_scaling(scaling, "rotary")
     except ValueError as e:
         raise ConversionError(f"{name} {e}") from None
-    return theta, scaling
+    return theta, scaling, float(partial)
 
 
 def _t5_rescale(hf: dict) -> bool:
@@ -500,6 +676,8 @@ def to_hf_tensors(family: str, cfg, state: dict[str, torch.Tensor]) -> Iterator[
         if m.native in done:  # a second HF copy of one tensor (safetensors refuses shared storage)
             t = t.clone()
         done.add(m.native)
+        if m.heads:  # rows (3, nh, hd) -> (nh, 3, hd)
+            t = t.unflatten(0, (3, m.heads, -1)).transpose(0, 1).flatten(0, 2)
         parts = t.split(list(m.rows), dim=0) if m.rows else (t,)
         for name, part in zip(m.hf, parts):
             yield name, (part.t() if m.transpose else part).contiguous()
@@ -521,7 +699,10 @@ def from_hf_tensors(arch: str, cfg, get: Callable[[str], torch.Tensor], keys: se
             raise ConversionError(f"HF checkpoint lacks {absent[:3]} (needed for {m.native})")
         parts = [get(n).float() for n in m.hf]
         parts = [p.t() for p in parts] if m.transpose else parts
-        state[m.native] = torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if m.heads:  # rows (nh, 3, hd) -> (3, nh, hd)
+            t = t.unflatten(0, (m.heads, 3, -1)).transpose(0, 1).flatten(0, 2)
+        state[m.native] = t.contiguous()
         used.update(m.hf)
     redundant = _redundant_keys(arch, cfg)
     unused = sorted(k for k in keys - used if not any(k == r or k.endswith(r) for r in redundant))
@@ -536,6 +717,9 @@ def _redundant_keys(arch: str, cfg) -> tuple[str, ...]:
     return common + {
         "gpt2": (".attn.bias", ".attn.masked_bias"),
         **{a: (".rotary_emb.inv_freq",) for a in LLAMA_LIKE},
+        # (old checkpoints keep the causal mask and inv_freq buffers; a tied head may be written too)
+        "gpt_neox": (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+                    + (("embed_out.weight",) if cfg.tie_embeddings else ()),
         "bert": ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight", "embeddings.position_ids",
                  "bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
                  "cls.seq_relationship.bias"),
@@ -652,6 +836,10 @@ def load_pretrained(hf_dir: str | os.PathLike) -> tuple[str, object, dict[str, t
         raw = {k: k for k in keys}
         keys = {f"transformer.{k}" for k in raw}
         get = lambda k: reader.get(k.removeprefix("transformer."))  # noqa: E731
+    elif hf.get("model_type") == "gpt_neox" and "lm_head.weight" in keys and "embed_out.weight" not in keys:
+        # GPT-NeoX's output embedding under transformers 5's module name rather than the published one
+        keys = keys - {"lm_head.weight"} | {"embed_out.weight"}
+        get = lambda k: reader.get("lm_head.weight" if k == "embed_out.weight" else k)  # noqa: E731
     else:
         get = reader.get
 

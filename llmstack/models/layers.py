@@ -199,7 +199,14 @@ def rotary_tables(head_dim: int, max_len: int, theta: float, device=None,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hd) by per-position angles; cos/sin are (T, hd) or (B, 1, T, hd)."""
+    """Rotate x (B, nh, T, hd) by per-position angles; cos/sin are (T, rd) or (B, 1, T, rd).
+
+    rd < hd is partial rotary (GPT-NeoX's rotary_pct): the first rd dims rotate, in the same
+    half-rotation layout within them (tables from `rotary_tables(rd, ...)`), the rest pass as they are.
+    """
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)

@@ -317,10 +317,22 @@ class T5(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per input token, 6N + 12 L H Q T with L counting both stacks.
-
-        An approximation (PaLM's convention applied to both stacks): the decoder sees fewer
-        tokens than the encoder under span corruption, and cross-attention is counted as self-attention.
+        """Training FLOPs per token of the seq_len-token text that span corruption turns into an
+        encoder input of Te tokens and a decoder target of Td (data_pipeline/objectives.py; for
+        seq_len 256: 232 and 52). The PaLM count (6N + 12 L H Q T) applied to each stack over
+        the tokens it processes: 6 x the encoder's Linear weights x Te, the decoder's and the LM
+        head's x Td, except cross-attention's key/value projections, which read the encoder's Te
+        outputs; attention 12 H Q per (query, key) pair and layer: Te x Te (encoder), Td x Td
+        (decoder self-attention) and Td x Te (cross-attention). The sum per sequence / seq_len:
+        the stage counts seq_len tokens per sequence.
         """
+        from data_pipeline.objectives import span_corruption_lengths
+
         c = self.config
-        return 6 * self.matmul_params() + 12 * (c.n_layer + c.decoder_layers) * c.n_head * c.head_dim * seq_len
+        te, td, _ = span_corruption_lengths(seq_len)
+        encoder = sum(m.weight.numel() for m in self.encoder.modules() if isinstance(m, nn.Linear))
+        decoder = sum(m.weight.numel() for m in self.decoder.modules() if isinstance(m, nn.Linear))
+        cross_kv = sum(block.cross_attn.kv.weight.numel() for block in self.decoder.blocks)
+        linear = encoder * te + cross_kv * te + (decoder - cross_kv + self.lm_head.weight.numel()) * td
+        attention = 12 * c.inner_dim * (c.n_layer * te * te + c.decoder_layers * (td * td + td * te))
+        return (6 * linear + attention) / seq_len

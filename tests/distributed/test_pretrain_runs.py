@@ -219,9 +219,10 @@ def test_consolidated_zero3_checkpoint_equals_other_stages(runs, tmp_path):
 
 
 def test_zero3_offload_bf16_activation_checkpointing_trains(runs, tmp_path):
+    """... with packed documents (segment ids through the engine and activation checkpointing)."""
     run_dir = runs.get("2p-z3-offload-bf16", "zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true",
                        "precision=bf16", "train.activation_checkpointing=true", "train.max_steps=12", *TWO_PROC,
-                       nprocs=2)
+                       "data.doc_mask=true", "data.bos=true", nprocs=2)
     got = losses(run_dir)
     assert got[12] < got[1] - 0.2, got
     _, w = consolidated(run_dir, tmp_path / "c")

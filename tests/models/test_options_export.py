@@ -21,6 +21,7 @@ PARITY = [
     ("geglu-mqa", "llama-tiny", dict(mlp="geglu", n_kv_head=1), "LlamaForCausalLM"),
     ("reglu-gqa", "llama-tiny", dict(mlp="reglu", n_kv_head=2), "LlamaForCausalLM"),
     ("swiglu-mha", "llama-tiny", dict(mlp="swiglu", n_kv_head=4), "LlamaForCausalLM"),
+    ("rotary-layernorm-gelu", "gpt2-tiny", dict(pos="rotary"), "GPTNeoXForCausalLM"),  # sequential GPT-NeoX
 ]
 
 
@@ -47,7 +48,7 @@ REFUSED = [
     (dict(layer_scale=0.1), "model.layer_scale=0.1"),
     (dict(norm="rmsnorm"), "model.norm=rmsnorm"),  # learned positions with RMSNorm: neither GPT-2 nor LLaMA
     (dict(mlp="swiglu"), "model.mlp=swiglu"),  # GPT-2 has no gated MLP
-    (dict(pos="rotary"), "model.mlp=gelu"),  # LLaMA has no ungated MLP
+    (dict(pos="rotary", norm="rmsnorm"), "model.mlp=gelu"),  # LLaMA has no ungated MLP (GPT-NeoX: LayerNorm)
 ]
 
 
