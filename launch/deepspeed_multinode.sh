@@ -21,7 +21,10 @@ if [[ ! -f $HOSTFILE ]]; then
     "'<host> slots=<GPUs>' line each: cp launch/hostfile.example $HOSTFILE" >&2
   exit 2
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# OpenMP threads per process: left unset here, every rank sets its node's cores / its node's
+# processes (at least 1) itself. This script cannot know other nodes' cores, and under pdsh the
+# variables of this shell do not reach the ranks (only ~/.deepspeed_env and a few prefixes such as NCCL_):
+# put OMP_NUM_THREADS=N in ~/.deepspeed_env to choose.
 ARGS=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${NO_SSH:-}" ]]; then
   if [[ -z "${NODE_RANK:-}" || -z "${MASTER_ADDR:-}" ]]; then

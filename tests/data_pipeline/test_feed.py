@@ -132,7 +132,9 @@ def test_pretrain_default_workers_train_as_without(tokenizer_dir, tmp_path):
     """`llmstack pretrain` with data.num_workers left at auto: run.json records the count it
     resolved to (this machine's spare cores; the tests give a rank 1 thread), and every step's
     loss equals that of data.num_workers=0."""
-    steps = ["train.max_steps=6", "train.micro_batch=4", "train.grad_accum=2"]
+    text = corpus.write_jsonl(tmp_path / "docs.jsonl", corpus.texts(120, seed=21, hi=150))
+    steps = ["train.max_steps=6", "train.micro_batch=4", "train.grad_accum=2", f"data.sources=[{{path: '{text}'}}]",
+             f"data.val_sources=[{{path: '{text}'}}]"]
     _, auto = pretrain(tmp_path, tokenizer_dir, "auto", *steps)
     _, none = pretrain(tmp_path, tokenizer_dir, "none", *steps, "data.num_workers=0")
     expected = auto_workers(64, 1, env.available_cores(), reserved=1)  # child_env: OMP_NUM_THREADS=1
