@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-time", action="store_true")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one mode's peak memory
     return p.parse_args(argv)
 
@@ -111,7 +112,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not args.skip_time:
+        time_steps(args)
+    if not args.skip_memory:
+        memory(args, argv)
+
+
+def time_steps(args) -> None:
     T, B = args.time_len, args.time_batch
     model = build(args, T)
     inputs = {m: batch(args, B, T, m) for m in MODES}
@@ -129,8 +136,9 @@ def main(argv=None) -> None:
     for m in MODES:
         print(f"  {m:16s} {1000 * med[m]:8.1f} ms  ({med[m] / med['one_doc']:.3f}x one_doc)")
     print(f"segments / one_doc step time: {med['segments'] / med['one_doc']:.3f} (target <= 1.15)")
-    if args.skip_memory:
-        return
+
+
+def memory(args, argv) -> None:
     print(f"peak memory, {args.dtype}, B={args.mem_batch} T={args.mem_len} (one fresh process per mode; "
           "growth over the process's peak before the model was built):")
     peaks = {}

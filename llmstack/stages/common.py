@@ -88,13 +88,27 @@ def ensure_tokenizer(tok: TokenizerConfig, default_sources: list[SourceConfig]):
     return tokenization.load_tokenizer(tok.path)
 
 
-def peak_flops(precision: str) -> float:
-    """FLOP/s that MFU divides by: vendor peak on known GPUs, else a matmul peak measured now."""
-    from llmstack.train.metrics import measure_matmul_peak, vendor_peak
+def peak_flops(precision: str):
+    """The Peak (train/metrics.py) that MFU divides by on this rank: the rated dense peak of a
+    known GPU for the run's precision, else (CPU, unknown accelerator) a matmul peak measured now
+    at the run's dtype with this rank's threads; its source is recorded with it."""
+    from llmstack.train.metrics import device_peak
 
-    dev = env.device()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return vendor_peak(dev, precision) or measure_matmul_peak(dev, dtype, seconds=0.3)
+    return device_peak(env.device(), precision)
+
+
+def model_flops(arch, cls=None):
+    """The PaLM count (train/metrics.ModelFlops) of `cls(arch)` (default: the family's model),
+    counted on a meta-device copy (ZeRO-3 has partitioned the real one): a reward model or
+    critic has its scalar head instead of the LM head."""
+    from llmstack.train.metrics import ModelFlops, matmul_params
+
+    with torch.device("meta"):
+        model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
+    head = getattr(model, "lm_head", None)  # a GPT's LM head; a ScalarHeadModel's scalar head
+    head = getattr(model, "head", None) if head is None else head
+    return ModelFlops(matmul_params(model), arch.n_layer, arch.n_head * arch.head_dim,
+                      head=head.weight.numel() if head is not None else 0)
 
 
 
@@ -310,10 +324,11 @@ def preference_data(run, data, tokenizer, params: int) -> tuple[list[dict], list
 
 
 def pair_trainer(run, cfg, engine, meta, train_pairs: list[dict], val_pairs: list[dict], pad_id: int, loss_fn,
-                 pair_stats, window):
+                 pair_stats, window, flops_per_token: float = 0.0):
     """The Trainer of a stage that trains one engine on preference pairs (reward model, DPO):
     its checkpoints (`meta(step, tokens)`), restored when resuming, the pairs from the resumed
-    step on, validation as the means of `pair_stats` over the held-out pairs (logged val_*)."""
+    step on, validation as the means of `pair_stats` over the held-out pairs (logged val_*);
+    MFU from `flops_per_token` (the model FLOPs of a training step per pair token)."""
     from data_pipeline.pairs import mean_tokens, pair_batches
     from llmstack.train.evaluate import evaluate_pairs
     from llmstack.train.trainer import Checkpointer, CheckpointPart, MicroBatches, Trainer
@@ -330,4 +345,13 @@ def pair_trainer(run, cfg, engine, meta, train_pairs: list[dict], val_pairs: lis
 
     return Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, loss_fn, run.accum), run_dir=run.dir,
                    start_step=start, tokens_per_step=int(run.global_batch * mean_tokens(train_pairs)),
+                   flops_per_token=flops_per_token, peak_flops=peak_flops(cfg.precision),
                    evaluate=evaluate, checkpointer=checkpointer, callbacks=[window])
+
+
+def pair_attention_len(pairs: list[dict]) -> float:
+    """The T of the attention FLOPs of preference pairs: the token-weighted mean length of their
+    chosen and rejected sequences (train/metrics.attention_len)."""
+    from llmstack.train.metrics import attention_len
+
+    return attention_len([len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")])

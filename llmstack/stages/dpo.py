@@ -182,8 +182,13 @@ def run(cfg: DPOConfig) -> dict:
         window.add(**{k: v.mean() for k, v in stats.items()})
         return loss.mean()
 
+    # MFU: forward + backward of the policy over every chosen and rejected token, plus the frozen
+    # reference's forward when it scores each micro-batch (dpo.reference=online; precomputed
+    # log-probs cost nothing during training)
+    model, seq = common.model_flops(arch, PolicyLM), common.pair_attention_len(train_pairs)
+    flops_tok = model.per_token(seq) + (model.per_token(seq, train=False) if reference.model is not None else 0.0)
     trainer = common.pair_trainer(run, cfg, engine, meta, train_pairs, val_pairs, tokenizer.pad_id or 0, loss_fn,
-                                  lambda e, b: pair_stats(e, b, "val"), window)
+                                  lambda e, b: pair_stats(e, b, "val"), window, flops_per_token=flops_tok)
     start = trainer.start_step
     before = trainer.validate()
     env.print0(f"validation before training: implicit reward margin {before['val_margin']:.4f}, "

@@ -42,6 +42,7 @@ from llmstack.rlhf.advantages import masked_mean
 from llmstack.stages import common
 from llmstack.stages.policy import Sampler, chat_stops, minibatches, reward_function
 from llmstack.train import run as train_run
+from llmstack.train.metrics import rollout_flops
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, StatWindow, StepOutput, Trainer
 
 dry_run = train_run.dry_run
@@ -83,6 +84,7 @@ class GRPOStep:
         self.verify = reward_function(cfg.reward.function)
         self.agg = cfg.grpo.loss_agg or G.DEFAULT_AGG[cfg.grpo.algo]
         self.history: list[dict] = []
+        self.model_flops = None  # the actor's FLOPs count, for MFU
 
     def __call__(self, trainer: Trainer, step: int) -> StepOutput:
         cfg, n = self.cfg, self.cfg.rollout.group_size
@@ -103,11 +105,22 @@ class GRPOStep:
         mean = env.all_reduce_mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=env.device()))
         record = {k: float(v) for k, v in zip(keys, mean)}
         record["logp_gap_max"] = max(env.all_gather_object(gap_max))
-        tokens = int(env.all_reduce_sum(torch.tensor(float(ro["valid"].sum()), dtype=torch.float64,
-                                                     device=env.device())))
+        tokens, flops = env.all_reduce_sum(torch.tensor([float(ro["valid"].sum()), self.flops(ro)],
+                                                        dtype=torch.float64, device=env.device())).tolist()
         self.history.append(record)
         self.window.add(**record)
-        return StepOutput(loss=torch.tensor(record["policy_loss"], dtype=torch.float64), tokens=tokens)
+        return StepOutput(loss=torch.tensor(record["policy_loss"], dtype=torch.float64), tokens=int(tokens),
+                          flops=flops)
+
+    def flops(self, ro: dict) -> float:
+        """Model FLOPs of this rank's step for MFU (DESIGN.md "Measuring speed", metrics.rollout_flops):
+        the actor's forwards (sampling, old log-probs), the reference's (with a KL term), then
+        grpo.epochs forward + backward passes of the actor over every row (rows without loss too)."""
+        if self.model_flops is None:  # counted once, on a meta copy
+            self.model_flops = common.model_flops(self.m.arch, PolicyLM)
+        actor = self.model_flops
+        passes = [(actor, False)] * (2 + (self.m.reference is not None)) + [(actor, True)] * len(ro["epochs"])
+        return rollout_flops(ro["valid"], ro["P"], passes)
 
     @torch.no_grad()
     def score(self, step: int, prompts, texts, references, responses, sampler_lp) -> tuple[dict, dict]:
@@ -225,7 +238,7 @@ def run(cfg: GRPOConfig) -> dict:
                f"{cfg.grpo.epochs} epochs of mini-batches of {t.micro_batch} x {t.grad_accum}; "
                f"{len(prompts)} prompts (skipped {errors.total}); steps {start}->{t.max_steps}")
     trainer = Trainer(t, [(m.actor, m.lr)], step_fn, run_dir=run.dir, start_step=start, checkpointer=checkpointer,
-                      callbacks=[window, GRPOProgress()])
+                      callbacks=[window, GRPOProgress()], peak_flops=common.peak_flops(cfg.precision))
     t0 = time.perf_counter()
     result = trainer.fit()
     hist = step_fn.history

@@ -48,6 +48,7 @@ from llmstack.rlhf.rollout import Rollout
 from llmstack.stages import common
 from llmstack.stages.policy import Sampler, chat_stops, max_gap, minibatches, reward_function
 from llmstack.train import run as train_run
+from llmstack.train.metrics import rollout_flops
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, StatWindow, StepOutput, Trainer
 
 dry_run = train_run.dry_run
@@ -141,6 +142,7 @@ class PPOStep:
         self.kl_ctl = A.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         self.moments = A.RunningMoments()
         self.history: list[dict] = []
+        self.model_flops = None  # (actor, critic, reward model) FLOPs counts, for MFU
 
     def state_dict(self) -> dict:
         return {"kl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict()}
@@ -176,11 +178,29 @@ class PPOStep:
         gaps = env.all_gather_object((gap_train, gap_decoder))
         record["logp_gap_train"], record["logp_gap_decoder"] = (max(g[i] for g in gaps) for i in range(2))
         self.kl_ctl.update(record["kl"], cfg.rollout.batch * world)
-        tokens = int(env.all_reduce_sum(torch.tensor(float(ro.valid.sum()), dtype=torch.float64, device=env.device())))
+        tokens, flops = env.all_reduce_sum(torch.tensor([float(ro.valid.sum()), self.flops(ro, len(epochs))],
+                                                        dtype=torch.float64, device=env.device())).tolist()
         record["gen_tokens_per_s"] = float(ro.mask.sum()) * world / max(t1 - t0, 1e-9)
         self.history.append(record)
         self.window.add(**record)
-        return StepOutput(loss=torch.tensor(record["policy_loss"], dtype=torch.float64), tokens=tokens)
+        return StepOutput(loss=torch.tensor(record["policy_loss"], dtype=torch.float64), tokens=int(tokens),
+                          flops=flops)
+
+    def flops(self, ro: Rollout, epochs: int) -> float:
+        """Model FLOPs of this rank's step for MFU (DESIGN.md "Measuring speed", metrics.rollout_flops):
+        the actor's forwards (sampling, old log-probs), the reference's, the critic's and the reward
+        model's (when the reward is a model), then `epochs` forward + backward passes of actor and critic."""
+        m = self.m
+        if self.model_flops is None:  # counted once, on meta copies
+            rm = m.scorer.model
+            self.model_flops = (common.model_flops(m.actor_arch, PolicyLM),
+                                common.model_flops(m.critic_arch, ScalarHeadModel),
+                                None if rm is None else common.model_flops(getattr(rm, "module", rm).config,
+                                                                           ScalarHeadModel))
+        actor, critic, reward = self.model_flops
+        passes = [(actor, False)] * 3 + [(critic, False)] + [(reward, False)] * (reward is not None) \
+            + [(actor, True), (critic, True)] * epochs
+        return rollout_flops(ro.valid, ro.prompt_len, passes)
 
     @torch.no_grad()
     def score(self, step: int, prompts, texts, responses, order_gen) -> tuple[Rollout, list, float]:
@@ -296,7 +316,8 @@ def run(cfg: PPOConfig) -> dict:
                f"rollouts/step, {cfg.ppo.epochs} epochs of mini-batches of {t.micro_batch} x {t.grad_accum}; "
                f"steps {start}->{t.max_steps}")
     trainer = Trainer(t, [(m.actor, m.actor_lr), (m.critic, m.critic_lr)], step_fn, run_dir=run.dir, start_step=start,
-                      checkpointer=checkpointer, callbacks=[window, PPOProgress()])
+                      checkpointer=checkpointer, callbacks=[window, PPOProgress()],
+                      peak_flops=common.peak_flops(cfg.precision))
     t0 = time.perf_counter()
     result = trainer.fit()
     summary = summarize(step_fn.history)

@@ -52,8 +52,10 @@ def run(cfg: RMConfig) -> dict:
         window.add(accuracy=stats["accuracy"].mean(), margin=stats["margin"].mean())
         return stats["loss"].mean()
 
+    # MFU: forward + backward of the scalar-head model over every chosen and rejected token
+    flops_tok = common.model_flops(arch, ScalarHeadModel).per_token(common.pair_attention_len(train_pairs))
     trainer = common.pair_trainer(run, cfg, engine, meta, train_pairs, val_pairs, tokenizer.pad_id or 0, loss_fn,
-                                  lambda e, b: rm_pair_stats(e, b, margin), window)
+                                  lambda e, b: rm_pair_stats(e, b, margin), window, flops_per_token=flops_tok)
     start = trainer.start_step
     before = trainer.validate()
     env.print0(f"validation before training: accuracy {before['val_accuracy']:.3f}, margin {before['val_margin']:.3f}")

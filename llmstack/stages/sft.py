@@ -26,6 +26,7 @@ from llmstack.models import lora as lora_lib
 from llmstack.stages import common
 from llmstack.train import run as train_run
 from llmstack.train import task_eval
+from llmstack.train.metrics import mfu_fields
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, MicroBatches, Trainer
 
 MODEL_INPUTS = ("position_ids", "segment_ids")
@@ -83,8 +84,8 @@ class SFTStats(Callback):
         self.tokens, self.sup_tokens, self.last = self.tokens + tok, self.sup_tokens + sup, record["step"]
         record.update(tokens_per_s=tok / seconds, sup_tokens_per_s=sup / seconds, tokens=self.tokens,
                       sup_tokens=self.sup_tokens)
-        if self.peak:
-            record["mfu"] = tok / seconds * self.flops / (self.peak * env.world_size())
+        if self.peak is not None:  # over the real (non-pad) tokens
+            record.update(mfu_fields(self.peak, tok / seconds, self.flops, env.world_size()))
         if self.skipped:
             record["skipped_records"] = self.skipped
 
@@ -164,10 +165,12 @@ def run(cfg: SFTConfig) -> dict:
                f"{'packed' if s.packing else 'padded'} rows of <= {cfg.data.seq_len} tokens, {rows} rows/epoch "
                f"({rows / run.global_batch:.1f} steps), steps {start}->{t.max_steps}")
     nominal = run.global_batch * cfg.data.seq_len
+    peak = common.peak_flops(cfg.precision)
     stats_cb = SFTStats(batches, nominal=nominal, start_step=start, skipped=stats["skipped_records"], flops=flops_tok,
-                        peak=common.peak_flops(cfg.precision))
+                        peak=peak)
     trainer = Trainer(t, [(engine, t.lr)], MicroBatches(engine, batches, summed_loss, run.accum, count=supervised),
                       run_dir=run.dir, start_step=start, tokens_per_step=nominal, checkpointer=checkpointer,
+                      peak_flops=peak,  # recorded; MFU is SFTStats' (real tokens)
                       evaluate=task_eval.with_tasks(
                           (lambda: {"val_loss": evaluate_tokens(engine, val_batches)}) if val_batches else None,
                           tasks, engine, cfg.zero.stage),

@@ -37,7 +37,7 @@ from llmstack.errors import Diverged, UsageError
 from llmstack.train import checkpoint as ckpt
 from llmstack.train.guard import RunGuard
 from llmstack.train.meta import CheckpointMeta
-from llmstack.train.metrics import MetricsLogger
+from llmstack.train.metrics import MetricsLogger, Peak, mfu_fields, record_peak
 from llmstack.train.optim import lr_at
 
 # Callbacks every Trainer adds after the stage's own: a seam for tests (fault injection).
@@ -124,11 +124,13 @@ class Checkpointer:
 @dataclass
 class StepOutput:
     """What a step function returns: this rank's loss of the step (mean over its micro-batches;
-    the Trainer averages it over ranks) and the tokens it trained on when they vary per step
-    (None: the Trainer's nominal tokens_per_step)."""
+    the Trainer averages it over ranks), the tokens it trained on when they vary per step
+    (None: the Trainer's nominal tokens_per_step) and, for MFU, the model FLOPs of the step on
+    all ranks when they are not tokens x flops_per_token (RL steps: sampling, scoring, training)."""
 
     loss: torch.Tensor
     tokens: int | None = None
+    flops: float | None = None
 
 
 @dataclass
@@ -150,11 +152,13 @@ class Trainer:
     `step_fn(trainer, step)`: one optimizer step (0-based `step`) through `trainer.backward` and
     `trainer.optimizer_step`, returning a StepOutput. `evaluate()`: validation metrics
     {"val_loss": ..., ...} averaged over ranks. `tokens_per_step`: the global batch's tokens.
+    MFU (train/metrics.mfu) is logged when `peak_flops` (a metrics.Peak, recorded in run.json)
+    is given and a step's FLOPs are known (`flops_per_token`, or StepOutput.flops).
     """
 
     def __init__(self, t, engines: list[tuple[object, float]], step_fn: Callable[[Trainer, int], StepOutput], *,
                  run_dir: Path, start_step: int = 0, tokens: int = 0, tokens_per_step: int = 0,
-                 flops_per_token: float = 0.0, peak_flops: float | None = None,
+                 flops_per_token: float = 0.0, peak_flops: Peak | None = None,
                  evaluate: Callable[[], dict] | None = None, checkpointer: Checkpointer | None = None,
                  callbacks: list[Callback] = ()):
         self.t, self.engines, self.step_fn = t, engines, step_fn
@@ -167,6 +171,9 @@ class Trainer:
                                     start_step=start_step, progress=t.progress)
         self.guard: RunGuard | None = None
         self.val: dict = {}
+        if peak_flops is not None and env.is_main():
+            record_peak(run_dir, peak_flops)
+            env.print0(f"MFU against the peak of each rank: {peak_flops.describe()}")
 
     # -- what step functions call --------------------------------------------------------------
 
@@ -198,7 +205,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         t, dev = self.t, env.device()
-        window_loss, window_steps, window_time, window_tokens = 0.0, 0, 0.0, 0
+        window_loss, window_steps, window_time, window_tokens, window_flops = 0.0, 0, 0.0, 0, 0.0
         last_loss, save_pending = None, False
         try:
             with RunGuard(t.max_skipped_steps) as guard:
@@ -222,6 +229,7 @@ class Trainer:
                     window_time += time.perf_counter() - t0
                     window_loss, window_steps, window_tokens = (window_loss + outcome.loss, window_steps + 1,
                                                                 window_tokens + step_tokens)
+                    window_flops += step_tokens * self.flops_per_token if out.flops is None else out.flops
                     self.logger.advance()
                     stopping = guard.stop_requested and self.step < self.end
 
@@ -231,8 +239,9 @@ class Trainer:
                         tps = window_tokens / max(window_time, 1e-9)
                         record = {"step": self.step, "loss": mean_loss, "lr": lrs[0], "tokens_per_s": tps,
                                   "tokens": self.tokens}
-                        if self.peak_flops and self.flops_per_token:
-                            record["mfu"] = tps * self.flops_per_token / (self.peak_flops * env.world_size())
+                        if self.peak_flops is not None and window_flops > 0:
+                            record.update(mfu_fields(self.peak_flops, tps, window_flops / max(window_tokens, 1),
+                                                     env.world_size()))
                         if (gn := ds.grad_norm(self.engines[0][0])) is not None:
                             record["grad_norm"] = gn
                         record["skipped_steps"] = guard.skipped_steps
@@ -240,7 +249,7 @@ class Trainer:
                             record["skipped"] = True
                         if math.isfinite(mean_loss):
                             last_loss = mean_loss
-                        window_loss, window_steps, window_time, window_tokens = 0.0, 0, 0.0, 0
+                        window_loss, window_steps, window_time, window_tokens, window_flops = 0.0, 0, 0.0, 0, 0.0
                     if outcome.diverged or (outcome.skipped and self.step == self.end):
                         self.log(record)  # logged first: metrics.jsonl shows that step
                         raise Diverged(outcome.diverged or guard.ended_skipped(self.step))
