@@ -131,8 +131,11 @@ class Tokenizer:
         # always looked up in the vocabulary itself so they can never disagree with it.
         names = self.meta.get("special_tokens") or {}
         default = SpecialTokens()
+        hf_names = {} if self.meta else _hf_special_tokens(file.parent)
 
         def special_id(name: str) -> int | None:
+            if not self.meta and hf_names:  # another library's tokenizer: its own special tokens, or none
+                return self._id(hf_names.get(name))
             return self._id(names.get(name, {}).get("token", getattr(default, name)))
 
         self.pad_id = special_id("pad")
@@ -183,6 +186,29 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
                 f"hash={self.hash!r}, path={self.path!r})")
+
+
+def _hf_special_tokens(d: Path) -> dict[str, str]:
+    """{"bos": token, ...} of a transformers tokenizer directory (tokenizer_config.json; for a key it
+    lacks, special_tokens_map.json): a Llama 3 or Qwen tokenizer names its own BOS / EOS / PAD, or has
+    none of one (then absent here). Empty when neither file names any."""
+    found: dict[str, str] = {}
+    for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        f = d / fname
+        try:
+            raw = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (OSError, ValueError):
+            continue
+        for name in ("pad", "bos", "eos", "unk", "mask"):
+            if f"{name}_token" not in raw:
+                continue
+            v = raw[f"{name}_token"]
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                found[name] = v
+            else:  # null: the tokenizer has none
+                found.pop(name, None)
+    return found
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -45,6 +45,17 @@ def load_texts(source: str) -> list[str]:
         raise UsageError(f"task ppl:{source}: {e}") from None
 
 
+def prefix_token(tok, what: str) -> int:
+    """The token before every document: BOS, else EOS (lm-evaluation-harness's HFLM
+    `prefix_token_id`); a UsageError when the tokenizer has neither."""
+    if tok.bos_id is not None:
+        return tok.bos_id
+    if tok.eos_id is not None:
+        return tok.eos_id
+    raise UsageError(f"task {what}: the tokenizer at {tok.path} has neither a BOS nor an EOS token, so no "
+                     "document can be scored from its first token (give one with --tokenizer)")
+
+
 def rolling_loglikelihoods(scorer: Scorer, texts: list[str], context: int | None = None, stride: int | None = None,
                            desc: str = "") -> tuple[list[float], list[int]]:
     """(log-likelihood, tokens scored) of each text scored alone: after one prefix token (BOS, or
@@ -53,7 +64,7 @@ def rolling_loglikelihoods(scorer: Scorer, texts: list[str], context: int | None
     With the defaults, lm-evaluation-harness's `loglikelihood_rolling`."""
     tok = scorer.tokenizer
     context = context or scorer.max_len
-    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    prefix = prefix_token(tok, desc or "ppl")
     docs = tok.encode_batch(texts)
     rows = []
     for i, ids in enumerate(docs):
@@ -77,6 +88,9 @@ def text_metrics(loglikelihood: float, texts: list[str]) -> dict:
 
 def _stream_nll(scorer: Scorer, texts: list[str], context: int, stride: int, bos: bool, desc: str) -> tuple[float, int]:
     tok = scorer.tokenizer
+    if tok.eos_id is None:
+        raise UsageError(f"task {desc}: --ppl-mode stream ends every document with EOS, and the tokenizer at "
+                         f"{tok.path} has none; use --ppl-mode document")
     stream: list[int] = []
     for ids in tok.encode_batch(texts):
         stream += ([tok.bos_id] if bos else []) + ids + [tok.eos_id]

@@ -39,6 +39,8 @@ FAMILIES: dict[str, Family] = {
     "bert": Family("bert", configs.BertConfig, "llmstack.models.bert:Bert", configs.BERT_PRESETS, "bert-tiny",
                    "masked language modelling"),
     "t5": Family("t5", configs.T5Config, "llmstack.models.t5:T5", configs.T5_PRESETS, "t5-tiny", "span corruption"),
+    "gemma": Family("gemma", configs.GemmaConfig, "llmstack.models.gemma:Gemma", configs.GEMMA_PRESETS, "gemma2-tiny",
+                    "causal language modelling"),
 }
 
 
@@ -89,6 +91,9 @@ def family_of_config(cfg) -> str:
 
 
 def family_of_model(model) -> str:
+    for f in FAMILIES.values():  # the exact class first: a Gemma is also a GPT (it decodes as one)
+        if type(model) is f.model_cls:
+            return f.name
     for f in FAMILIES.values():
         if isinstance(model, f.model_cls):
             return f.name

@@ -217,6 +217,110 @@ GPT_PRESETS: dict[str, dict] = {
 }
 
 
+# --- Gemma 2 / Gemma 3 -------------------------------------------------------------------------
+
+@dataclass
+class GemmaConfig:
+    """Gemma 2 / Gemma 3 text decoders (models/gemma.py): (1 + w) RMSNorms before and after each
+    branch, embeddings scaled by sqrt(d_model), GeGLU, local (sliding window) and global layers."""
+
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head
+    d_model: int = 256
+    d_head: int | None = None  # None: d_model // n_head (Gemma's heads often do not split d_model)
+    d_ff: int | None = None  # None: 4 * d_model (GeGLU: gate and up each this wide)
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    activation: str = "gelu_tanh"  # of the gate (GeGLU with the tanh GELU)
+    # layer i is global (full attention) when (i + 1) % global_every == 0, else local (sliding):
+    # Gemma 2 alternates (2), Gemma 3 has 5 local layers to 1 global (6); 1: every layer global
+    global_every: int = 2
+    attn_window: int = 4096  # local layers: keys per query, itself included (i - j < w)
+    rope_theta: float = 10000.0  # global layers (Gemma 3: 1e6)
+    rope_local_theta: float | None = None  # local layers; None: rope_theta (Gemma 2: one rotary for all)
+    rope_scaling: dict | None = None  # global layers only (Gemma 3 4B+: linear 8), see ROPE_SCALING
+    query_pre_attn_scalar: int | None = None  # attention scale query_pre_attn_scalar**-0.5; None: head_dim
+    attn_softcap: float | None = None  # attention logits -> cap * tanh(s / cap) (Gemma 2: 50); None: off
+    final_softcap: float | None = None  # output logits, likewise (Gemma 2: 30); None: off
+    qk_norm: bool = False  # (1 + w) RMSNorm of q and k per head before rotary (Gemma 3)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+    hf_model_type: str | None = None  # gemma2 | gemma3_text: the export's layout; None: decided by the options
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.d_head is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head} (or set d_head)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
+        if self.global_every < 1:
+            raise ValueError(f"global_every={self.global_every} must be >= 1 (1: every layer global)")
+        if self.attn_window < 1:
+            raise ValueError(f"attn_window={self.attn_window} must be >= 1")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"unknown activation {self.activation!r} (allowed: {', '.join(ACTIVATION_NAMES)})")
+        for key in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            v = getattr(self, key)
+            if v is not None and not (_number(v) and v > 0):
+                raise ValueError(f"{key}={v!r} must be a number > 0 (or null: off / default)")
+        if self.hf_model_type not in (None, "gemma2", "gemma3_text"):
+            raise ValueError(f"hf_model_type={self.hf_model_type!r} is not one of gemma2, gemma3_text (or null)")
+        check_rope_scaling(self.rope_scaling, "rotary")
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer `layer` (from 0) attends within the sliding window."""
+        return (layer + 1) % self.global_every != 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def act(self) -> str:
+        return self.activation
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def local_theta(self) -> float:
+        return self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+
+    # read by code written for GPT configs (decoding, accounting): rotary positions, windowed layers
+    @property
+    def pos(self) -> str:
+        return "rotary"
+
+    @property
+    def attn_pattern(self) -> str:
+        return "sliding" if self.global_every > 1 else "full"
+
+
+_GEMMA = dict(norm_eps=1e-6, activation="gelu_tanh", tie_embeddings=True, max_seq_len=256, attn_window=64)
+
+# CPU-sized Gemma-style models: Gemma 2's alternation and soft-capping; Gemma 3's 5:1 pattern,
+# q/k norms and local/global rotary bases.
+GEMMA_PRESETS: dict[str, dict] = {
+    "gemma2-tiny": dict(_GEMMA, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_head=64, d_ff=1024, global_every=2,
+                        attn_softcap=50.0, final_softcap=30.0),
+    "gemma3-tiny": dict(_GEMMA, n_layer=6, n_head=4, n_kv_head=1, d_model=256, d_head=64, d_ff=1024, global_every=6,
+                        rope_theta=1e6, rope_local_theta=1e4, qk_norm=True),
+}
+
+
 # --- BERT --------------------------------------------------------------------------------------
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmstack.models.bert import BertConfig
-from llmstack.models.configs import ROPE_SCALING, ROPE_SCALING_NEAREST, check_rope_scaling
+from llmstack.models.configs import ROPE_SCALING, ROPE_SCALING_NEAREST, GemmaConfig, check_rope_scaling
 from llmstack.models.gpt import GPTConfig
 from llmstack.models.t5 import T5Config
 
@@ -49,12 +49,14 @@ _FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                 "gpt_neox": "GPTNeoXForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
+                 "gpt_neox": "GPTNeoXForCausalLM", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # one network (RMSNorm, gated MLP, rotary): they differ in biases, attention window, q/k norms and
 # (Phi-3) in fused tensors
 LLAMA_LIKE = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 _NAMES = {"llama": "LLaMA", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "phi3": "Phi-3",
-          "gpt_neox": "GPT-NeoX"}
+          "gpt_neox": "GPT-NeoX", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+GEMMA = ("gemma2", "gemma3_text")  # the gemma family (models/gemma.py), text decoders only
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def target(family: str, cfg) -> str:
         return "bert"
     if family == "t5":
         return "t5"
+    if family == "gemma":
+        return _gemma_target(cfg)
     raise ConversionError(f"model family {family!r} has no Hugging Face mapping")
 
 
@@ -202,6 +206,30 @@ def _rotary_target(c: GPTConfig) -> str:
     return "mistral" if c.attn_pattern == "sliding" else "llama"
 
 
+def _gemma_target(c: GemmaConfig) -> str:
+    """gemma2 or gemma3_text (the one imported from, else: Gemma 3 when a Gemma 3 feature is on)."""
+    g3 = c.qk_norm or c.rope_local_theta not in (None, c.rope_theta) or c.rope_scaling is not None
+    name = c.hf_model_type or ("gemma3_text" if g3 else "gemma2")
+    if name == "gemma2":
+        blockers = [(c.qk_norm, "model.qk_norm=true (Gemma 2 has no q/k norms; Gemma 3 has, without attention "
+                                "soft-capping)"),
+                    (c.rope_local_theta not in (None, c.rope_theta),
+                     f"model.rope_local_theta={c.rope_local_theta} (Gemma 2 has one rotary base for all layers: "
+                     "unset; local and global bases are Gemma 3's)"),
+                    (c.rope_scaling is not None, "model.rope_scaling (Gemma 2 has no rope scaling: unset; Gemma 3 "
+                                                 "scales its global layers' rope)")]
+    else:
+        blockers = [(c.attn_softcap is not None,
+                     f"model.attn_softcap={c.attn_softcap} (transformers' Gemma 3 attention does not soft-cap its "
+                     "logits: unset; attention soft-capping is Gemma 2's, without q/k norms)")]
+    bad = [msg for cond, msg in blockers if cond]
+    if bad:
+        raise ConversionError(f"no Hugging Face architecture matches this Gemma: the target is {ARCHITECTURES[name]}, "
+                              "which this config does not fit: " + "; ".join(bad))
+    _hf_act(c.act, "model.activation")
+    return name
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter tables
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +237,8 @@ def _rotary_target(c: GPTConfig) -> str:
 
 def _maps(arch: str, cfg) -> list[Map]:
     return {"gpt2": _gpt2_maps, **{a: _llama_maps for a in LLAMA_LIKE if a != "phi3"}, "phi3": _phi3_maps,
-            "gpt_neox": _neox_maps, "bert": _bert_maps, "t5": _t5_maps}[arch](cfg)
+            "gpt_neox": _neox_maps, "bert": _bert_maps, "t5": _t5_maps,
+            **{a: _gemma_maps for a in GEMMA}}[arch](cfg)
 
 
 def _gpt2_maps(c: GPTConfig) -> list[Map]:
@@ -283,6 +312,30 @@ def _neox_maps(c: GPTConfig) -> list[Map]:
     maps += _norm("ln_f", "gpt_neox.final_layer_norm", True)
     if not c.tie_embeddings:
         maps.append(_one("lm_head.weight", "embed_out.weight"))
+    return maps
+
+
+def _gemma_maps(c: GemmaConfig) -> list[Map]:
+    """Gemma 2 / 3: LLaMA's attention and gated MLP tensors, four norms per block (all stored as
+    the w of a (1 + w) gain, copied as they are), Gemma 3's q/k norms."""
+    maps = [_one("wte.weight", "model.embed_tokens.weight")]
+    q, kv, ff = c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.ff_dim
+    for i in range(c.n_layer):
+        n, h = f"blocks.{i}", f"model.layers.{i}"
+        maps += _norm(f"{n}.ln_1", f"{h}.input_layernorm", False)
+        maps += _split(f"{n}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], [q, kv, kv], False)
+        if c.qk_norm:
+            maps += _norm(f"{n}.attn.q_norm", f"{h}.self_attn.q_norm", False)
+            maps += _norm(f"{n}.attn.k_norm", f"{h}.self_attn.k_norm", False)
+        maps += _linear(f"{n}.attn.proj", f"{h}.self_attn.o_proj", False)
+        maps += _norm(f"{n}.post_attn_norm", f"{h}.post_attention_layernorm", False)
+        maps += _norm(f"{n}.ln_2", f"{h}.pre_feedforward_layernorm", False)
+        maps += _split(f"{n}.mlp.fc", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], [ff, ff], False)
+        maps += _linear(f"{n}.mlp.proj", f"{h}.mlp.down_proj", False)
+        maps += _norm(f"{n}.post_mlp_norm", f"{h}.post_feedforward_layernorm", False)
+    maps += _norm("ln_f", "model.norm", False)
+    if not c.tie_embeddings:
+        maps.append(_one("lm_head.weight", "lm_head.weight"))
     return maps
 
 
@@ -388,6 +441,8 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
         if arch == "qwen3":
             return tf.Qwen3Config(head_dim=cfg.head_dim, attention_bias=False, **qwen)
         return tf.Qwen2Config(**qwen)
+    if arch in GEMMA:
+        return _gemma_hf_config(arch, cfg, common)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                                 num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
@@ -457,6 +512,12 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
         return "gpt", mt, _llama_like_config(mt, hf, act, tied("lm_head.weight", "model.embed_tokens.weight"))
     if mt == "gpt_neox":
         return "gpt", mt, _neox_config(hf, act, tied("embed_out.weight", "gpt_neox.embed_in.weight"))
+    if mt in GEMMA:
+        return "gemma", mt, _gemma_config(mt, hf, act, tied("lm_head.weight", "model.embed_tokens.weight"))
+    if mt == "gemma3":
+        raise ConversionError("model_type 'gemma3' (Gemma3ForConditionalGeneration, text and vision) is not "
+                              "supported; the nearest supported: its text decoder as model_type gemma3_text "
+                              "(Gemma3ForCausalLM, as gemma-3-1b)")
     if mt == "bert":
         if hf.get("is_decoder") or hf.get("position_embedding_type", "absolute") != "absolute":
             raise ConversionError("only encoder BERT with absolute positions is supported")
@@ -486,7 +547,7 @@ def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str
                        pad_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")) or 0)
         return "t5", "t5", cfg
     raise ConversionError(f"model_type {mt!r} is not supported (supported: gpt2, {', '.join(LLAMA_LIKE)}, gpt_neox, "
-                          "bert, t5)")
+                          f"{', '.join(GEMMA)}, bert, t5)")
 
 
 def _llama_like_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: bool) -> GPTConfig:
@@ -565,6 +626,104 @@ def _neox_config(hf: dict, act: Callable[[str, str], str], tied: bool) -> GPTCon
                          parallel_residual=bool(get("use_parallel_residual")))
     except ValueError as e:
         raise ConversionError(f"GPT-NeoX: {e}") from None
+
+
+def _gemma_layer_types(c: GemmaConfig) -> list[str]:
+    return ["sliding_attention" if c.is_local(i) else "full_attention" for i in range(c.n_layer)]
+
+
+def _gemma_hf_config(arch: str, cfg: GemmaConfig, common: dict):
+    """Gemma2Config or Gemma3TextConfig (rope per layer type: sliding = local, full = global)."""
+    import transformers as tf
+
+    act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else _hf_act(cfg.act, "model.activation")
+    scaling = dict(cfg.rope_scaling or {})
+    global_rope = {"rope_type": scaling.pop("type", "default"), "rope_theta": float(cfg.rope_theta), **scaling}
+    shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                  head_dim=cfg.head_dim, hidden_activation=act, max_position_embeddings=cfg.max_seq_len,
+                  rms_norm_eps=cfg.norm_eps, attention_bias=False, attention_dropout=cfg.attn_dropout,
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim, sliding_window=cfg.attn_window,
+                  layer_types=_gemma_layer_types(cfg), final_logit_softcapping=cfg.final_softcap,
+                  initializer_range=cfg.init_std, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(rope_parameters=global_rope, attn_logit_softcapping=cfg.attn_softcap, **shared)
+    rope = {"full_attention": global_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(cfg.local_theta)}}
+    return tf.Gemma3TextConfig(rope_parameters=rope, attn_logit_softcapping=None, **shared)
+
+
+def _gemma_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: bool) -> GemmaConfig:
+    """The Gemma of a gemma2 / gemma3_text config.json (published spelling: rope_theta,
+    rope_local_base_freq, rope_scaling, sliding_window_pattern; or transformers 5's rope_parameters
+    per layer type and layer_types); a key it lacks takes the default of transformers' class."""
+    import transformers as tf
+
+    cls = tf.Gemma2Config if mt == "gemma2" else tf.Gemma3TextConfig
+    name = _NAMES[mt]
+
+    def get(key: str):
+        return hf.get(key, getattr(cls, key, None))
+
+    n_layer = get("num_hidden_layers")
+    if get("attention_bias"):
+        raise ConversionError(f"{name} attention_bias=true is not supported; the nearest supported: "
+                              "attention_bias=false (as every published Gemma)")
+    if get("use_bidirectional_attention"):
+        raise ConversionError(f"{name} use_bidirectional_attention=true (an encoder, as EmbeddingGemma) is not "
+                              "supported; the nearest supported: use_bidirectional_attention=false (causal)")
+    # local / global layers: layer_types, else transformers' default pattern (Gemma 2: every other
+    # layer global; Gemma 3: sliding_window_pattern, default 6, the last of each group global)
+    every = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
+    kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                      for i in range(n_layer)]
+    if "full_attention" in kinds:
+        every = kinds.index("full_attention") + 1
+    periodic = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    if list(kinds) != periodic or "full_attention" not in kinds:
+        raise ConversionError(f"{name} layer_types {kinds} are not supported: every k-th layer global, the others "
+                              f"local, is (the nearest supported: the pattern of its first global layer, k={every})")
+    # rotary: global layers (full_attention) and local ones (sliding_attention)
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        full, local = dict(rope["full_attention"]), dict(rope.get("sliding_attention") or {})
+    elif mt == "gemma3_text":
+        full = dict(rope or hf.get("rope_scaling") or {})
+        full.setdefault("rope_theta", hf.get("rope_theta", cls.default_theta["global"]))
+        local = {"rope_theta": hf.get("rope_local_base_freq", cls.default_theta["local"])}
+    else:
+        full = dict(rope or hf.get("rope_scaling") or {})
+        full.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        local = dict(full)
+    if mt == "gemma2" and full.get("rope_type", full.get("type", "default")) != "default":
+        raise ConversionError(f"Gemma 2 rope type {full.get('rope_type', full.get('type'))!r} is not supported; the "
+                              "nearest supported: the default rope (rope_scaling null), or Gemma 3, which scales "
+                              "its global layers' rope")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ConversionError(f"{name} rope type {local.get('rope_type', local.get('type'))!r} on the local "
+                              "(sliding_attention) layers is not supported; the nearest supported: the default "
+                              "rope there, scaling on the global layers only (as Gemma 3)")
+    max_len = get("max_position_embeddings")
+    theta, scaling, _ = _rope_from_hf({"rope_parameters": full}, mt, max_len)
+    local_theta = float(local.get("rope_theta", theta))
+    head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
+    heads, d = get("num_attention_heads"), get("hidden_size")
+    try:
+        return GemmaConfig(vocab_size=get("vocab_size"), n_layer=n_layer, n_head=heads,
+                           n_kv_head=get("num_key_value_heads") or heads, d_model=d, d_ff=get("intermediate_size"),
+                           d_head=None if d % heads == 0 and head_dim == d // heads else head_dim,
+                           max_seq_len=_context(max_len, scaling), norm_eps=get("rms_norm_eps"),
+                           activation=act(get("hidden_activation") or get("hidden_act"), "hidden_activation"),
+                           global_every=every, attn_window=get("sliding_window") or max_len,
+                           rope_theta=theta, rope_local_theta=None if local_theta == theta else local_theta,
+                           rope_scaling=scaling, query_pre_attn_scalar=get("query_pre_attn_scalar"),
+                           # transformers' Gemma 3 attention does not soft-cap (attn_logit_softcapping is unread)
+                           attn_softcap=get("attn_logit_softcapping") if mt == "gemma2" else None,
+                           final_softcap=get("final_logit_softcapping"), qk_norm=mt == "gemma3_text",
+                           tie_embeddings=tied, attn_dropout=get("attention_dropout") or 0.0,
+                           init_std=get("initializer_range"), hf_model_type=mt)
+    except ValueError as e:
+        raise ConversionError(f"{name}: {e}") from None
 
 
 def _context(max_len: int, scaling: dict | None) -> int:
@@ -724,6 +883,7 @@ def _redundant_keys(arch: str, cfg) -> tuple[str, ...]:
                  "bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
                  "cls.seq_relationship.bias"),
         "t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+        **{a: ("inv_freq", ".embed_scale") for a in GEMMA},  # (rotary and embedding-scale buffers)
     }[arch]
 
 
@@ -788,7 +948,19 @@ def save_pretrained(family: str, cfg, state: dict[str, torch.Tensor], out_dir: s
     for src, dst in zip(files, final):
         os.replace(src, dst)
     config.save_pretrained(str(out))
+    if family != "bert":  # decoders: transformers' `generate` stops on every EOS id, pads with pad
+        generation_config(config).save_pretrained(str(out))
     return final
+
+
+def generation_config(config):
+    """The generation_config.json of an exported decoder: bos / eos (an int or a list, e.g. Llama 3
+    Instruct's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]) / pad ids of `config`, greedy by default."""
+    import transformers as tf
+
+    gen = tf.GenerationConfig.from_model_config(config)
+    gen.do_sample = False
+    return gen
 
 
 class _Reader:

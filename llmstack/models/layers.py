@@ -222,6 +222,7 @@ def attention(
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention via PyTorch SDPA (flash / memory-efficient kernels when possible).
 
@@ -231,13 +232,16 @@ def attention(
     "may attend" mask, a float additive bias broadcastable to (B, nh, T, S) (T5's relative
     position bias, with -inf-like values where attention is not allowed), or None; with a mask,
     `causal` must already be folded into it. `scale` defaults to 1/sqrt(hd) (T5 uses 1).
+    `softcap`: attention logit soft-capping (Gemma 2), see `softcap_attention`; None: off.
     """
     # SDPA's flash kernel needs unit stride in the head dim (else: the slow math path). Each tensor
     # on its own: during decoding q comes strided from the few-rows Linear while k, v are views of
     # the KV cache, which a copy would duplicate whole in every layer at every step.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if isinstance(mask, SegmentPlan):
-        return mask.attend(q, k, v, dropout_p=dropout_p, scale=scale)
+        return mask.attend(q, k, v, dropout_p=dropout_p, scale=scale, softcap=softcap)
+    if softcap:
+        return softcap_attention(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p, scale=scale, softcap=softcap)
     # grouped-query attention natively: no per-layer (or, decoding, per-token) copies of K/V
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
@@ -245,6 +249,29 @@ def attention(
                                               enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=gqa)
+
+
+def softcap_attention(q, k, v, *, causal: bool, mask=None, dropout_p: float = 0.0, scale: float | None = None,
+                      softcap: float) -> torch.Tensor:
+    """Attention with soft-capped logits (Gemma 2): s = q.k * scale, s = cap * tanh(s / cap), then the
+    mask, softmax (fp32) and the weighted values. SDPA has no hook between the scores and the
+    softmax, so this is the math path (the (B, nh, T, S) scores exist), as transformers' eager one.
+    Same arguments as `attention` (a tensor mask or none: `causal` aligned top-left, as SDPA)."""
+    nh, nkv = q.shape[1], k.shape[1]
+    if nh != nkv:  # grouped-query attention: each key/value head serves nh/nkv query heads
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
+    s = softcap * torch.tanh(s / softcap)
+    T, S = s.shape[-2:]
+    if mask is None and causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v  # (B, nh, T, hd)
 
 
 def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -369,10 +396,12 @@ class SegmentPlan:
                 self._masks[key] = bias.masked_fill(~mask, float("-inf")).to(dtype)
         return self._masks[key]
 
-    def attend(self, q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
-        """Attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd) within segments -> (B, nh, T, hd)."""
+    def attend(self, q, k, v, *, dropout_p: float = 0.0, scale: float | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        """Attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd) within segments -> (B, nh, T, hd).
+        `softcap`: soft-capped logits (Gemma 2), see `softcap_attention`."""
         if self.flex:
-            return self._attend_flex(q, k, v, scale=scale)
+            return self._attend_flex(q, k, v, scale=scale, softcap=softcap)
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
         # token-major (B*T, heads, hd), gathered into the buckets' slots
@@ -382,7 +411,10 @@ class SegmentPlan:
         for (N, L), qb, kb, vb in zip(self.buckets, qs, ks, vs):
             qb, kb, vb = (t.view(N, L, t.shape[1], hd).transpose(1, 2) for t in (qb, kb, vb))
             mask = self._bucket_mask(L, q.dtype, q.device)
-            if mask is None:
+            if softcap:
+                yb = softcap_attention(qb, kb, vb, causal=True, mask=mask, dropout_p=dropout_p, scale=scale,
+                                       softcap=softcap)
+            elif mask is None:
                 yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, scale=scale,
                                                     enable_gqa=nkv != nh)
             else:
@@ -393,7 +425,7 @@ class SegmentPlan:
         return y.view(B, T, nh, hd).transpose(1, 2)
 
     # -- FlexAttention path (CUDA) ----------------------------------------------------------------
-    def _attend_flex(self, q, k, v, *, scale):
+    def _attend_flex(self, q, k, v, *, scale, softcap=None):
         seg, window = self.segment_ids, self.window
         if self._block_mask is None:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -407,7 +439,12 @@ class SegmentPlan:
 
         def alibi(score, b, h, qi, ki):
             return score - slopes[h] * (qi - ki)
-        return _flex()(q, k, v, score_mod=alibi if slopes is not None else None, block_mask=self._block_mask, scale=scale,
+
+        def capped(score, b, h, qi, ki):  # soft-capped logits (Gemma 2), then ALiBi if any
+            score = softcap * torch.tanh(score / softcap)
+            return alibi(score, b, h, qi, ki) if slopes is not None else score
+        mod = capped if softcap else alibi if slopes is not None else None
+        return _flex()(q, k, v, score_mod=mod, block_mask=self._block_mask, scale=scale,
                        enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -678,7 +715,7 @@ _CE_CHUNK_ELEMS_DEFAULT = 1 << 27
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, ignore_index: int, compute_dtype, need_grad: bool, smoothing: float = 0.0,
-                z_loss: float = 0.0):
+                z_loss: float = 0.0, softcap: float = 0.0):
         # x (N, C), weight (V, C), labels (N,). Autocast is off in here; compute_dtype is the
         # dtype the plain path's matmul would have used (autocast's, else the inputs').
         N, V = x.shape[0], weight.shape[0]
@@ -706,6 +743,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(s + rows, N)
             # fp32 log-softmax (upcast inside the kernel): bf16 logits lose too much precision
             logits = xc[s:e] @ wc.t()
+            if softcap:  # final logit soft-capping (Gemma): logits = cap * tanh(logits / cap)
+                th = torch.tanh(logits.float() / softcap)
+                logits = (th * softcap).to(logits.dtype)
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             if not (smoothing or z_loss):
                 loss -= (logp.gather(1, target[s:e]) * valid[s:e, None]).sum()
@@ -725,6 +765,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     p.scatter_add_(1, target[s:e], minus_valid[s:e] * (1 - smoothing))
                 else:
                     p.scatter_add_(1, target[s:e], minus_valid[s:e])  # - onehot (counted rows only)
+                if softcap:  # through the cap: d(cap tanh(l / cap))/dl = 1 - tanh^2
+                    p.mul_(1 - th.square())
                 p = p.to(compute_dtype)
                 if compute_dtype == torch.float32:
                     torch.mm(p, wc, out=grad_x[s:e]).mul_(scale[s:e])
@@ -748,13 +790,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or grad_out.item() != 1.0:
             g = grad_out.to(torch.float32)
             grad_x, grad_w = grad_x * g, grad_w * g
-        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None, None, None, None
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, labels, ignore_index, label_smoothing) (mean over counted rows)
-    + z_loss * mean(logsumexp(logits)^2), in chunks.
+    + z_loss * mean(logsumexp(logits)^2), in chunks. `softcap`: the logits are first soft-capped,
+    cap * tanh(logits / cap) (Gemma's final_logit_softcapping); None: not.
 
     x (..., C), weight (V, C), labels (...). Under autocast the matmuls run in the autocast dtype
     and the softmax in fp32, as the unfused path does. The gradient is computed during the
@@ -767,7 +811,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     args = (x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), ignore_index, compute_dtype, need_grad,
-            float(label_smoothing), float(z_loss))
+            float(label_smoothing), float(z_loss), float(softcap or 0.0))
     if torch.is_autocast_enabled(dev):
         with torch.autocast(dev, enabled=False):  # the function casts explicitly
             return _LinearCrossEntropy.apply(*args)
@@ -781,11 +825,16 @@ class LMHead(Linear):
     this module's forward, not through `self.lm_head.weight` used from outside, so that ZeRO-3's
     module hooks gather the (tied) weight for it. With labels it uses the fused, chunked
     `linear_cross_entropy`, which never materialises the (B, T, V) logits.
+    `softcap` (set by a model that has it, e.g. Gemma): logits are cap * tanh(logits / cap), in the
+    logits returned and in the loss alike.
     """
+
+    softcap: float | None = None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0,
                 z_loss: float = 0.0) -> torch.Tensor:
         if labels is None:
-            return super().forward(x)
+            logits = super().forward(x)
+            return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
         return linear_cross_entropy(x, self.weight, labels, ignore_index=-100, label_smoothing=label_smoothing,
-                                    z_loss=z_loss)
+                                    z_loss=z_loss, softcap=self.softcap)

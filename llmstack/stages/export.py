@@ -1,11 +1,15 @@
 """`llmstack export` and `llmstack import`: native checkpoints <-> Hugging Face directories.
 
 export: a checkpoint (any ZeRO stage), a consolidated or imported directory -> config.json,
-model.safetensors (sharded beyond --max-shard-size) and the tokenizer files, which
-`AutoModelFor*.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load as they are.
+model.safetensors (sharded beyond --max-shard-size) and the tokenizer files (with its chat
+template), which `AutoModelFor*.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load
+as they are. config.json and, for decoders, generation_config.json carry the model's BOS / EOS /
+PAD ids (`special_ids`: EOS may be a list), so transformers' `generate` stops where
+`llmstack generate` does.
 
 import: a Hugging Face directory of GPT-2, LLaMA, BERT (masked LM) or T5 -> a native model
-directory (model.safetensors + llmstack_model.json + the tokenizer files) that
+directory (model.safetensors + llmstack_model.json, which records the pad / bos / eos ids of its
+config.json and generation_config.json, + the tokenizer files) that
 `model.init`, `llmstack generate`, `llmstack-eval` and `llmstack export` all accept.
 
 A checkpoint of `llmstack sft` with LoRA adapters is exported merged (W + alpha/r B A; see
@@ -77,7 +81,9 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
     tok = weights.recorded_tokenizer(info, checkpoint, tokenizer_path)
     with staged_output(out, "export", overwrite=overwrite, inputs=[checkpoint, tok.path]) as tmp:
         try:
-            hf.save_pretrained(family, cfg, state, tmp, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+            ids = special_ids(tok, info)
+            eos = ids["eos"][0] if len(ids["eos"]) == 1 else (ids["eos"] or None)
+            hf.save_pretrained(family, cfg, state, tmp, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=eos,
                                max_shard_bytes=hf.parse_size(max_shard_size),
                                dtype=None if dtype == "fp32" else DTYPES[dtype])
         except hf.ConversionError as e:
@@ -87,6 +93,31 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
         _copy_tokenizer(Path(tok.path), tmp)
         _add_chat_template(tmp)
     return Path(out)
+
+
+def special_ids(tok, info: CheckpointMeta) -> dict:
+    """{"pad": id | None, "bos": id | None, "eos": [ids]} of a model: the tokenizer's own, and the
+    ids an imported model's config.json / generation_config.json name (recorded at import, also
+    in the imported directory a fine-tuned checkpoint's tokenizer comes from). EOS may be several
+    (Llama 3 Instruct stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>); the recorded list
+    keeps its order, the tokenizer's EOS is added if it is not in it."""
+    recorded = info.special_ids
+    if not recorded and tok.path and (Path(tok.path) / weights.INFO).is_file():
+        try:
+            recorded = weights.read_info(tok.path).special_ids
+        except UsageError:
+            recorded = None
+    recorded = recorded or {}
+
+    def one(name: str, own: int | None) -> int | None:
+        v = recorded.get(name)
+        return own if own is not None else (v if isinstance(v, int) else None)
+
+    eos = recorded.get("eos")
+    eos = [eos] if isinstance(eos, int) else [int(i) for i in eos or [] if isinstance(i, int)]
+    if tok.eos_id is not None and tok.eos_id not in eos:
+        eos.append(tok.eos_id)
+    return {"pad": one("pad", tok.pad_id), "bos": one("bos", tok.bos_id), "eos": eos}
 
 
 def _add_chat_template(out: Path) -> None:
@@ -121,8 +152,27 @@ def import_hf(hf_dir: str, out: str, *, overwrite: bool = False) -> Path:
         tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         has_tok = _copy_tokenizer(src, tmp) and (tmp / "tokenizer.json").is_file()
+        hf_config = {**hf_config, "eos_token_id": _eos_with_generation_config(src, hf_config.get("eos_token_id"))}
         info = CheckpointMeta.from_hf(family, asdict(cfg), hf_config, source=str(src),
                                       tokenizer_path=str(out_dir) if has_tok else None,
                                       tokenizer_hash=tokenizer_hash(tmp) if has_tok else None)
         (tmp / weights.INFO).write_text(info.to_json(only=weights.IMPORTED_KEYS) + "\n")
     return out_dir
+
+
+def _eos_with_generation_config(src: Path, eos):
+    """config.json's eos_token_id (an int, a list or None) with generation_config.json's EOS ids
+    added: some models name one EOS in the config and the stops of a chat turn in the generation
+    config only (Llama 3 Instruct). An int when there is one id, a list when several."""
+    import json
+
+    ids = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    gen = src / "generation_config.json"
+    try:
+        more = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        more = None
+    for i in [more] if isinstance(more, int) else (more if isinstance(more, list) else []):
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids[0] if len(ids) == 1 else (ids or None)

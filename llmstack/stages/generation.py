@@ -3,7 +3,9 @@
 The model comes from a checkpoint, a consolidated / imported directory, or a Hugging Face
 directory. GPT prompts are preceded by EOS when the tokenizer is llmstack's (pretraining
 documents follow an EOS, so this is "start of a document"); T5 prompts end with EOS, as the
-encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token).
+encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token): every
+EOS id of the model (the tokenizer's, and the list an imported config.json / generation_config.json
+names, such as Llama 3 Instruct's three), as transformers' `generate` on the export does.
 With --chat, each message is a user turn under the chat template (formats.encode_prompt: the
 conversation up to the assistant header) and the reply stops at <|end|>.
 The model runs on --device in --dtype (default auto: the GPU in bf16 when there is one, else the
@@ -15,6 +17,7 @@ from __future__ import annotations
 from data_pipeline import formats
 from llmstack.errors import UsageError
 from llmstack.generate import check_vocab, generate, place_model, resolve_placement, sampling_generator
+from llmstack.stages.export import special_ids
 from llmstack.train.weights import load_for_inference
 
 
@@ -55,7 +58,8 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     if family not in ("gpt", "t5"):
         raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")
     place_model(model, dev, dt)
-    eos = tok.eos_id if tok.eos_id is not None else info.special_id("eos")
+    eos_ids = special_ids(tok, info)["eos"]  # the tokenizer's EOS and every one the model's config names
+    eos = tok.eos_id if tok.eos_id is not None else (eos_ids[0] if eos_ids else None)  # the one a prompt takes
     ids = [tok.encode(p) for p in prompts]
     if family == "gpt" and tok.meta and eos is not None:
         ids = [[eos] + x for x in ids]
@@ -74,7 +78,7 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
         ids = [x + [eos] for x in ids]
     if any(len(x) == 0 for x in ids):
         raise UsageError("empty prompt: give at least one token of text")
-    stops = stop_token_ids(tok, list(stop)) + chat_stops + ([eos] if eos is not None else [])
+    stops = list(dict.fromkeys(stop_token_ids(tok, list(stop)) + chat_stops + eos_ids))
     pad = tok.pad_id if tok.pad_id is not None else 0
     try:
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
