@@ -10,11 +10,21 @@ How a batch of prompts is decoded:
   before), so a padded row produces the same tokens as the same prompt alone.
 - one forward pass over the prompts fills the KV cache (preallocated for prompt + max_new_tokens,
   so nothing is copied as it grows); then each step feeds one token per row. Only the last
-  position goes through the LM head.
+  position goes through the LM head. The prompt pass gives the padding as segment ids (0 real,
+  -1 pad: layers.segments_from_valid), never as a (B, 1, P, P) mask; a step's mask is the
+  (B, 1, 1, S) key validity.
 - T5: the encoder runs once; the decoder starts from its start token (the pad id) and its
   cross-attention keys/values are computed once, at the first step.
 - a row that emits a stop token is finished: it keeps receiving pad tokens (not returned) until
-  every row is finished or max_new_tokens is reached.
+  every row is finished or max_new_tokens is reached. Nothing in a step waits for the device
+  (no .item() or bool() per token): finished rows are masked on the device, and the host looks
+  whether all are finished only every `stop_check_every` steps.
+- a GPT step runs one of three ways (STEPS): `eager` (the cached keys so far, launched op by op:
+  the CPU default), `static` (fixed shapes: the whole preallocated cache under a key-validity
+  mask, positions and the cache's write column as device tensors updated in place), or
+  `cuda_graph` (that static step captured once per call as a CUDA graph and replayed, the CUDA
+  default: a small model's step is otherwise dominated by a few hundred kernel launches). On CPU
+  `static` gives the tokens of `eager` (tested) and costs more (attention over every column).
 
 Logit processing follows transformers' order and semantics, so greedy decoding with the same
 options gives the same tokens: repetition penalty (CTRL, Keskar et al. 2019: a seen token's
@@ -39,7 +49,7 @@ import torch
 
 from llmstack.errors import UsageError
 from llmstack.models.gpt import GPT
-from llmstack.models.layers import causal_padding_mask, decoding_layout
+from llmstack.models.layers import KVCache, decoding_layout, segments_from_valid
 from llmstack.models.t5 import T5
 from llmstack.train.meta import CheckpointMeta
 
@@ -130,6 +140,8 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     with_logprobs: bool = False,
+    stop_check_every: int = 8,
+    step: str = "auto",
 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """The new tokens of each prompt (a stop token, when one ends the row, included).
 
@@ -139,11 +151,17 @@ def generate(
     new token under the distribution it was sampled from (the logits, fp32, divided by the
     temperature; after a repetition penalty, before top-k / top-p): what RL stages compare with
     their training forward.
+    stop_check_every: with stop tokens, how many steps apart the host looks whether every row has
+    stopped (the one host sync of the loop; the tokens are the same for any value).
+    step: how a GPT decoding step runs (see STEPS): `auto` is `cuda_graph` on a CUDA device when
+    the model allows it, else `eager`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                 generator=generator)
     stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long)
@@ -153,20 +171,73 @@ def generate(
     if generator is not None and temperature > 0 and generator.device.type != dev.type:
         raise ValueError(f"the sampling generator is on {generator.device}, the model on {dev}: "
                          f"make it with sampling_generator(device, seed)")
+    step = _step_kind(model, step, dev, use_cache)
     with decoding_layout():  # CPU: faster weight layouts for one-row products (layers.Linear)
         if isinstance(model, T5):
             stepper = _T5Stepper(model, prompts, max_new_tokens, use_cache)
         else:
-            stepper = _GPTStepper(model, prompts, max_new_tokens, use_cache, pad_id)
-        tokens, logprobs = _decode(stepper, max_new_tokens, stop, pad_id, opts, with_logprobs)
+            stepper = _GPTStepper(model, prompts, max_new_tokens, use_cache, pad_id, step)
+        tokens, logprobs = _decode(stepper, max_new_tokens, stop, pad_id, opts, with_logprobs, stop_check_every)
     return (tokens, logprobs) if with_logprobs else tokens
 
 
+# How a GPT decoding step (one new token per row, after the prompt) runs:
+STEPS = {
+    "eager": "the cached keys so far (a view that grows by one column a step), operations launched one by one",
+    "static": "the same shapes at every step: attention over the whole preallocated cache with a key-validity "
+              "mask, positions, mask and the cache's write column as device tensors updated in place; run eagerly "
+              "(what `cuda_graph` replays; on CPU, where it costs more than `eager`, for checking)",
+    "cuda_graph": "the static step captured once as a CUDA graph and replayed: one launch a step instead of a few "
+                  "hundred kernel launches (CUDA only)",
+}
+
+
+def _static_ok(model) -> str | None:
+    """Why the static step cannot run this model, or None when it can."""
+    if not isinstance(model, GPT):
+        return "the static decoding step is for GPT models (T5 decodes eagerly)"
+    c = model.config
+    if c.attn_pattern != "full" or c.pos == "alibi":
+        # their masks depend on the query's position, which the model works out from cache.length on the host
+        return (f"the static decoding step needs full attention without ALiBi "
+                f"(attn_pattern={c.attn_pattern}, pos={c.pos})")
+    if model.training:
+        return "the model is in training mode (dropout would be captured): call model.eval()"
+    if any(hasattr(p, "ds_id") for p in model.parameters()) or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        # (a ZeRO-3 partitioned model gathers its weights in such hooks)
+        return "the model has forward hooks, which a captured step would not run"
+    return None
+
+
+def _step_kind(model, step: str, dev: torch.device, use_cache: bool) -> str:
+    if step not in ("auto", *STEPS):
+        raise ValueError(f"step={step!r}: expected auto, {', '.join(STEPS)}")
+    why = _static_ok(model)
+    if not use_cache:
+        why = why or "use_cache=False recomputes the whole sequence at every step"
+    if step == "auto":
+        return "cuda_graph" if dev.type == "cuda" and why is None else "eager"
+    if step != "eager" and why is not None:
+        raise ValueError(f"step={step}: {why}")
+    if step == "cuda_graph" and dev.type != "cuda":
+        raise ValueError(f"step=cuda_graph needs the model on a CUDA device, not {dev}")
+    return step
+
+
 def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts: dict,
-            with_logprobs: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
-    """The loop shared by both model kinds: pick a token per row, feed it back, until done."""
+            with_logprobs: bool = False, check_every: int = 8) -> tuple[list[list[int]], list[list[float]] | None]:
+    """The loop shared by both model kinds: pick a token per row, feed it back, until done.
+
+    Nothing in a step waits for the device: a row that has stopped is masked to pad on the device,
+    and the host looks whether all rows have stopped only every `check_every` steps (the rows'
+    extra pad tokens are cut below, so the result does not depend on it). The tokens come back in
+    one transfer at the end.
+    """
     logits = stepper.first()
     B, dev = logits.shape[0], logits.device
+    has_stop = len(stop) > 0  # (no stop token: every row runs to max_new_tokens, nothing to check)
+    stops = set(stop.tolist())
     stop = stop.to(dev)
     penalty = opts["repetition_penalty"] != 1.0
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -179,16 +250,17 @@ def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts:
                 scaled = apply_repetition_penalty(scaled, stepper.seen, opts["repetition_penalty"])
             scaled = scaled / opts["temperature"] if opts["temperature"] > 0 else scaled
             lps.append(torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1))
-        if len(stop):  # (no stop token: every row runs to max_new_tokens, nothing to check)
+        if has_stop:
             tok = tok.masked_fill(finished, pad_id)
             finished |= torch.isin(tok, stop)
         out.append(tok)
-        if step == max_new_tokens - 1 or (len(stop) and bool(finished.all())):
+        if step == max_new_tokens - 1:
+            break
+        if has_stop and (step + 1) % check_every == 0 and bool(finished.all()):  # the loop's only host sync
             break
         if penalty:
             stepper.seen_add(tok)
         logits = stepper.step(tok)
-    stops = set(stop.tolist())
     result = []
     for row in torch.stack(out, dim=1).tolist():  # (B, n)
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
@@ -201,52 +273,144 @@ def _decode(stepper, max_new_tokens: int, stop: torch.Tensor, pad_id: int, opts:
 class _GPTStepper:
     """Decoder-only state: the cache (or the full sequence without one), positions, key validity."""
 
-    def __init__(self, model: GPT, prompts, max_new_tokens: int, use_cache: bool, pad_id: int):
-        self.model, self.use_cache = model, use_cache
+    def __init__(self, model: GPT, prompts, max_new_tokens: int, use_cache: bool, pad_id: int, step: str = "eager"):
+        self.model, self.use_cache, self.kind = model, use_cache, step
         dev = model.wte.weight.device
-        self.ids, self.valid = left_pad(prompts, pad_id, dev)  # (B, L)
-        B, L = self.ids.shape
-        if L + max_new_tokens > model.config.max_seq_len:
+        self.padded = len({len(p) for p in prompts}) > 1  # (from the host lists: no device sync)
+        ids, valid = left_pad(prompts, pad_id, dev)  # (B, L)
+        B, L = ids.shape
+        S = L + max_new_tokens
+        if S > model.config.max_seq_len:
             raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"max_seq_len={model.config.max_seq_len}")
-        self.padded = not bool(self.valid.all())
-        self.pos = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
-        self.next_pos = self.valid.sum(-1, keepdim=True)  # (B, 1): position of the first new token
-        self.cache = model.new_cache(B, L + max_new_tokens) if use_cache else None
+        self.ids = ids
+        self.pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
+        self.next_pos = valid.sum(-1, keepdim=True)  # (B, 1): position of the first new token
+        # key validity of every position the sequence will have: the prompt's, then the new tokens
+        # (always real, a stopped row's pads included, as with transformers)
+        self.valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+        self.valid[:, :L] = valid
+        self.length = L  # positions so far (host int: the eager step's mask width)
+        self.cache = model.new_cache(B, S) if use_cache else None
+        self.static: _StaticStep | None = None  # made at the first step (nothing to make when 1 token is asked)
         V = model.config.vocab_size
         self.seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
-        self.seen.scatter_(1, self.ids, self.valid)  # real prompt tokens only
+        self.seen.scatter_(1, ids, valid)  # real prompt tokens only
 
     def seen_add(self, tok: torch.Tensor) -> None:
-        self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+        self.seen.scatter_(1, tok[:, None], True)
 
-    def _last_logits(self, ids, pos, mask) -> torch.Tensor:
-        h = self.model.hidden_states(ids, pos, mask, self.cache)[:, -1]  # (B, C)
+    def _last_logits(self, ids, pos, mask=None, segment_ids=None) -> torch.Tensor:
+        h = self.model.hidden_states(ids, pos, mask, self.cache, segment_ids=segment_ids)[:, -1]  # (B, C)
         return self.model.lm_head(h)  # (B, V)
 
-    def first(self) -> torch.Tensor:
+    def _full(self, ids, n: int) -> torch.Tensor:
+        """Last-position logits of a forward over the first n positions (the prompt, or everything
+        without a cache). Padding as segment ids: no (B, 1, n, n) mask."""
         if not self.padded:
-            return self._last_logits(self.ids, None, None)
-        return self._last_logits(self.ids, self.pos, causal_padding_mask(self.valid))
+            return self._last_logits(ids, None)
+        return self._last_logits(ids, self.pos, segment_ids=segments_from_valid(self.valid[:, :n]))
+
+    def first(self) -> torch.Tensor:
+        return self._full(self.ids, self.length)
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
+        if self.kind != "eager":
+            if self.static is None:
+                self.static = _StaticStep(self.model, self.cache, self.valid, self.next_pos, self.length,
+                                          graph=self.kind == "cuda_graph")
+            return self.static(tok)
         tok = tok[:, None]  # (B, 1)
+        self.length += 1
         if self.use_cache:
             pos = self.next_pos if self.padded else None
-            mask = None
-            if self.padded:  # the new token sees every real token so far: (B, 1, 1, past+1)
-                self.valid = torch.cat([self.valid, torch.ones_like(tok, dtype=torch.bool)], dim=1)
-                mask = self.valid[:, None, None, :]
+            # the new token sees every real token so far: (B, 1, 1, past+1); none padded: no mask at all
+            mask = self.valid[:, None, None, :self.length] if self.padded else None
             self.next_pos = self.next_pos + 1
             return self._last_logits(tok, pos, mask)
         # no cache: the whole sequence again
         self.ids = torch.cat([self.ids, tok], dim=1)
-        self.valid = torch.cat([self.valid, torch.ones_like(tok, dtype=torch.bool)], dim=1)
         self.pos = torch.cat([self.pos, self.next_pos], dim=1)
         self.next_pos = self.next_pos + 1
-        if not self.padded:
-            return self._last_logits(self.ids, None, None)
-        return self._last_logits(self.ids, self.pos, causal_padding_mask(self.valid))
+        return self._full(self.ids, self.length)
+
+
+class _StaticCache:
+    """A KVCache seen through fixed shapes: after the prompt (written as usual), each one-token step
+    writes its keys and values at column `col`, a (1,) device tensor the step advances in place, and
+    attention reads the whole preallocated (B, nkv, max_len, hd) buffers, whose columns not yet
+    written the step's key-validity mask hides. `length` stays the prompt's (the model then takes
+    its "cached keys" path; positions and mask are always given), so nothing in a step depends on
+    a value the host would have to read or that changes between steps."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.length = cache.length
+        self.col = torch.full((1,), cache.length, dtype=torch.long, device=cache.k[0].device)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kb, vb = self.cache.k[layer], self.cache.v[layer]
+        kb.index_copy_(2, self.col, k)  # k, v: (B, nkv, 1, hd)
+        vb.index_copy_(2, self.col, v)
+        return kb, vb
+
+    def advance(self, t: int) -> None:  # (the step advances `col` itself, on the device)
+        pass
+
+
+class _StaticStep:
+    """The shape-static GPT decoding step (STEPS["static"]); with graph=True captured as a CUDA graph.
+
+    Inputs and outputs live in fixed tensors: the step copies the new tokens into `tok` and runs
+    (or replays) `_forward`, which marks the write column's key valid, runs the model over the
+    one new token per row, leaves the logits in `logits` and advances positions and column.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, valid: torch.Tensor, next_pos: torch.Tensor, length: int,
+                 graph: bool):
+        self.model = model
+        self.cache = _StaticCache(cache)
+        B, S = valid.shape
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=valid.device)
+        self.pos = next_pos.clone()  # (B, 1)
+        self.key_valid = valid.clone()  # (B, S): the prompt's validity, then False until a column is written
+        self.key_valid[:, length:] = False
+        self.mask = self.key_valid[:, None, None, :]  # (B, 1, 1, S), a view: sees every in-place update
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+        if graph:
+            self._capture()
+
+    def _forward(self, advance: bool = True) -> torch.Tensor:
+        self.key_valid.index_fill_(1, self.cache.col, True)
+        h = self.model.hidden_states(self.tok, self.pos, self.mask, self.cache)[:, -1]  # (B, C)
+        logits = self.model.lm_head(h)  # (B, V)
+        if advance:
+            self.pos += 1
+            self.cache.col += 1
+        return logits
+
+    def _capture(self) -> None:
+        # Warm up on a side stream first (lazy initialisation, library workspaces: nothing of that
+        # may happen during capture). The warm-up advances nothing; it writes only the next
+        # column's keys, values and validity, which the first real step writes again.
+        with torch.cuda.device(self.tok.device):  # (the model's GPU, whichever is current)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(advance=False)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run
+                self.logits = self._forward()
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok[:, None])
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits  # (overwritten by the next replay, after this step's token is chosen from it)
 
 
 class _T5Stepper:
@@ -257,7 +421,7 @@ class _T5Stepper:
         dev = model.embed.weight.device
         start = model.config.pad_id
         ids, valid = left_pad(prompts, start, dev)
-        self.enc_mask = valid if not bool(valid.all()) else None
+        self.enc_mask = valid if len({len(p) for p in prompts}) > 1 else None  # (host lists: no device sync)
         self.memory = model.encode(ids, self.enc_mask)  # (B, S, C)
         B = ids.shape[0]
         self.dec = torch.full((B, 1), start, dtype=torch.long, device=dev)  # decoder start token
@@ -267,7 +431,7 @@ class _T5Stepper:
         self.seen[:, start] = True
 
     def seen_add(self, tok: torch.Tensor) -> None:
-        self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+        self.seen.scatter_(1, tok[:, None], True)
 
     def _last_logits(self, dec_ids) -> torch.Tensor:
         m = self.model

@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from llmstack import models
 from llmstack.generate import generate
 from llmstack.models import hf
-from llmstack.models.layers import causal_padding_mask
+from tests.models import hf_parity as parity
+from tests.models.hf_parity import V, hf_greedy, logit_diff, padded_batch
 
-V = 128
 IDS = dict(vocab_size=V, pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=0.02,
            attention_dropout=0.0, attention_bias=False)
 
@@ -64,56 +64,23 @@ CASES = [
     ("gemma-3-1b-it", GEMMA_3_1B, "Gemma3ForCausalLM",
      [dict(qk_norm=False), dict(global_every=1), dict(rope_local_theta=None), dict(rope_scaling=None)]),
 ]
-T = 96
 PROMPTS = [[5 + (7 * i) % 120 for i in range(30)], [9, 10, 11, 12, 13, 14, 15], list(range(20, 38)), [30, 31]]
 NEW_TOKENS = 30  # every row passes the window while decoding
 
 
+def _gemma_weights(model):
+    # a smaller (tied) embedding: scaled by sqrt(d_model) it would otherwise outweigh the blocks'
+    # normed outputs, and greedy decoding would echo the last token (a test that checks nothing)
+    model.get_input_embeddings().weight.mul_(0.1)
+    model.model.norm.weight.add_(4.0)  # logits large enough for the final soft-cap (30) to act
+
+
 def write_published(d, config: dict, seed: int = 0):
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(d), dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        # a smaller (tied) embedding: scaled by sqrt(d_model) it would otherwise outweigh the blocks'
-        # normed outputs, and greedy decoding would echo the last token (a test that checks nothing)
-        model.get_input_embeddings().weight.mul_(0.1)
-        model.model.norm.weight.add_(4.0)  # logits large enough for the final soft-cap (30) to act
-    model.save_pretrained(d)
-    (d / "config.json").write_text(json.dumps(config, indent=2))  # the published spelling
-    return tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    return parity.write_published(d, config, seed, tweak=_gemma_weights, attn_implementation="eager")
 
 
 def import_native(d):
-    family, cfg, state, _ = hf.load_pretrained(d)
-    assert family == "gemma"
-    ours = models.build_model("gemma", cfg)
-    missing, unexpected = ours.load_state_dict(state, strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    return cfg, state, ours.eval()
-
-
-def padded_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (3, T), generator=g)
-    mask = torch.ones(3, T, dtype=torch.long)
-    mask[0, :12] = 0
-    mask[1, :3] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def logit_diff(ours, theirs, ids, mask, segments: bool = False) -> float:
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        if segments:  # padding as segment ids (layers.SegmentPlan), as generate's first pass
-            a = ours(ids, position_ids=pos, segment_ids=torch.where(mask.bool(), 0, -1))
-        else:
-            a = ours(ids, position_ids=pos, attn_mask=causal_padding_mask(mask.bool()))
-        b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
+    return parity.import_native(d, "gemma")
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
@@ -201,18 +168,6 @@ def test_export_round_trip_is_bit_exact(imported, tmp_path):
     theirs2 = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
                                                       attn_implementation="eager").eval()
     assert logit_diff(imported["ours"], theirs2, *padded_batch(seed=2)) < 1e-4
-
-
-def hf_greedy(theirs, prompts, max_new_tokens):
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    theirs.generation_config.eos_token_id = None
-    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=0)
-    return out[:, L:].tolist()
 
 
 def test_greedy_generation_equals_transformers(imported):

@@ -33,9 +33,8 @@ from safetensors.torch import load_file, save_file
 from llmstack import models
 from llmstack.generate import generate
 from llmstack.models import hf
-from llmstack.models.layers import causal_padding_mask
+from tests.models.hf_parity import V, hf_greedy, import_native, logit_diff, padded_batch, write_published
 
-V = 128
 IDS = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, initializer_range=0.02, attention_dropout=0.0)
 
 # meta-llama/Llama-3.2-1B: 16 -> 2 layers, width 2048 -> 128 (32 heads of 64 -> 4 of 32, GQA 4:1);
@@ -99,51 +98,8 @@ CASES = [
     ("phi-3-mini-4k", PHI_3_MINI, 63, "Phi3ForCausalLM", [dict(attn_pattern="full", attn_window=0)]),
     ("pythia-160m", PYTHIA, 0, "GPTNeoXForCausalLM", [dict(parallel_residual=False), dict(rotary_pct=1.0)]),
 ]
-T = 96  # batch length: every row crosses every case's threshold by 16 positions or more
 PROMPTS = [[5 + (7 * i) % 120 for i in range(40)], [9, 10, 11, 12, 13, 14, 15], list(range(20, 48)), [30, 31]]
 NEW_TOKENS = 36  # the 40-token prompt continues to position 75
-
-
-def write_published(d, config: dict, seed: int = 0):
-    """An HF directory with the published-style config.json and random weights (perturbed away
-    from init, so every tensor, norm gains and biases included, matters)."""
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(d), dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(d)
-    (d / "config.json").write_text(json.dumps(config, indent=2))  # the published spelling, not transformers 5's
-    return tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-
-
-def import_native(d):
-    family, cfg, state, _ = hf.load_pretrained(d)
-    assert family == "gpt"
-    ours = models.build_model("gpt", cfg)
-    missing, unexpected = ours.load_state_dict(state, strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    return cfg, state, ours.eval()
-
-
-def padded_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (3, T), generator=g)
-    mask = torch.ones(3, T, dtype=torch.long)
-    mask[0, :12] = 0  # left padding (as batched inference pads)
-    mask[1, :3] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def logit_diff(ours, theirs, ids, mask) -> float:
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        a = ours(ids, position_ids=pos, attn_mask=causal_padding_mask(mask.bool()))
-        b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
@@ -226,18 +182,6 @@ def test_export_round_trip_is_bit_exact(imported, tmp_path):
     theirs2 = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids, mask = padded_batch(seed=2)
     assert logit_diff(imported["ours"], theirs2, ids, mask) < 1e-4
-
-
-def hf_greedy(theirs, prompts, max_new_tokens):
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    theirs.generation_config.eos_token_id = None  # run every row to max_new_tokens, as ours does
-    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=0)
-    return out[:, L:].tolist()
 
 
 def test_greedy_generation_equals_transformers(imported):
