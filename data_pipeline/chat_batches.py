@@ -22,6 +22,10 @@ from data_pipeline.errors import DataError, ErrorLog
 from data_pipeline.objectives import IGNORE, pack_greedy, sft_collate, sft_fit
 
 
+class _Unencodable(DataError):
+    """A conversation the chat template cannot encode, its record named."""
+
+
 def load_conversations(specs: list[str], tokenizer, *, seq_len: int, train_on: str, overlong: str, side: str,
                        on_error: str, limit: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """(examples, stats): every usable conversation of the sources as shifted (inputs, targets)
@@ -31,9 +35,12 @@ def load_conversations(specs: list[str], tokenizer, *, seq_len: int, train_on: s
     examples = []
     for spec in specs:
         try:
-            for _, messages in formats.iter_chat_records(spec, on_error=on_error, errors=errors):
+            for where, messages in formats.iter_chat_records(spec, on_error=on_error, errors=errors):
                 stats["records"] += 1
-                ids, labels = formats.encode_chat(tokenizer, messages, train_on=train_on)
+                try:
+                    ids, labels = formats.encode_chat(tokenizer, messages, train_on=train_on)
+                except ValueError as e:  # e.g. a model's own chat template refusing this conversation
+                    raise _Unencodable(f"{where}: {e}") from None
                 over = len(ids) > seq_len + 1
                 fitted = sft_fit(ids, labels, seq_len, overlong=overlong, side=side)
                 if fitted is None:  # dropped as over-long, or no response token survived the cut
@@ -45,6 +52,8 @@ def load_conversations(specs: list[str], tokenizer, *, seq_len: int, train_on: s
                     break
         except FileNotFoundError as e:
             raise DataError(f"data source not found: {e}") from None
+        except _Unencodable as e:  # names its record (file and position) already
+            raise DataError(str(e)) from None
         except (DataError, ValueError) as e:
             raise DataError(f"{spec}: {e}") from None
     stats["skipped_records"] = errors.total

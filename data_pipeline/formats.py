@@ -23,6 +23,17 @@ turn; BOS, role headers (``<|assistant|>`` included), system and user messages a
 ``train_on="last"`` supervises only the last assistant turn. Labels are aligned with the ids
 (``labels[i]`` is ``ids[i]`` or -100); the causal shift happens when batches are made.
 
+A tokenizer brought with a model (no llmstack metadata, a Jinja ``chat_template`` in its
+Hugging Face files: Llama 3, Qwen, ...) is rendered with its own template instead, through
+``transformers``' ``apply_chat_template`` (:func:`encode_own_chat`). Its loss labels are the
+assistant spans: the template's ``{% generation %}`` blocks where it has them (exactly
+``return_assistant_tokens_mask``), else found by rendering prefixes: for each assistant turn, the
+conversation before it with ``add_generation_prompt=True`` and the conversation including it;
+the text between the two ends (the reply and whatever the template closes it with, e.g.
+``<|eot_id|>`` or ``<|im_end|>``) is supervised. A template whose prefixes are not prefixes of
+the whole rendering (one that rewrites earlier turns) is refused for a conversation with a clear
+error; it needs ``{% generation %}`` markers.
+
 Records: JSONL (or HF dataset rows) with ``messages`` (a list of ``{"role", "content"}``, roles
 system / user / assistant, multi-turn) or ``prompt`` / ``response`` (and optional ``system``).
 A record that is not usable raises :class:`BadRecord` naming where it is and the field; callers
@@ -33,6 +44,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 from data_pipeline.errors import BadRecord, DataError, ErrorLog, FileFault, location
@@ -108,10 +121,130 @@ def chat_tokens(tokenizer) -> dict[str, int]:
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, **{r: tokenizer.role_ids.get(r) for r in (*ROLES, "end")}}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"tokenizer {tokenizer.path} lacks the chat tokens {', '.join(missing)}: SFT needs a "
-                         "tokenizer trained by `llmstack tokenizer train` (it adds <|system|>, <|user|>, "
-                         "<|assistant|>, <|end|> as special tokens), or one with the same special tokens")
+        raise ValueError(f"tokenizer {tokenizer.path} lacks the chat tokens {', '.join(missing)} and has no "
+                         "chat_template of its own: SFT needs a tokenizer trained by `llmstack tokenizer train` "
+                         "(it adds <|system|>, <|user|>, <|assistant|>, <|end|> as special tokens), one with the "
+                         "same special tokens, or a Hugging Face tokenizer with a chat_template")
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's own chat template (tokenizers brought with imported models)
+
+_GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
+_hf_tokenizers: dict[tuple[str, str], Any] = {}
+
+
+def _template_in_files(path: str) -> bool:
+    """Whether a tokenizer directory's Hugging Face files hold a chat template."""
+    d = Path(path)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def own_template(tokenizer):
+    """The ``transformers`` tokenizer (loaded once per directory) whose chat template renders
+    conversations for `tokenizer`, or None when llmstack's own template applies: for tokenizers
+    trained by llmstack (they carry its metadata) and for those without a template of their own."""
+    if getattr(tokenizer, "meta", None) or not os.path.isdir(str(getattr(tokenizer, "path", ""))):
+        return None
+    key = (str(tokenizer.path), str(getattr(tokenizer, "hash", "")))
+    if key not in _hf_tokenizers:
+        hf = None
+        if _template_in_files(key[0]):
+            from transformers import PreTrainedTokenizerFast
+
+            hf = PreTrainedTokenizerFast.from_pretrained(key[0])
+            if not hf.chat_template or not isinstance(hf.chat_template, str):
+                hf = None  # none, or several named ones (tool use...): not a plain chat template
+        _hf_tokenizers[key] = hf
+    return _hf_tokenizers[key]
+
+
+def check_chat_tokenizer(tokenizer) -> dict:
+    """How `tokenizer` renders chats: {"template": "llmstack" | "own", "eos": id or None,
+    "markers": the own template has {% generation %} blocks}; ValueError when it cannot (neither
+    llmstack's chat tokens nor a chat template of its own)."""
+    hf = own_template(tokenizer)
+    if hf is None:
+        return {"template": "llmstack", "eos": chat_tokens(tokenizer)["eos"], "markers": True}
+    return {"template": "own", "eos": tokenizer.eos_id, "markers": bool(_GENERATION.search(hf.chat_template))}
+
+
+def _render(hf, messages: list[dict], **kw) -> str:
+    return hf.apply_chat_template(messages, tokenize=False, **kw)
+
+
+def _prefix_spans(hf, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the character span of each assistant turn), found by rendering
+    prefixes: before turn i with the generation prompt, and up to and including turn i."""
+    full = _render(hf, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError("the conversation starts with an assistant turn: a chat template without "
+                             "{% generation %} markers needs a message before it to find where the reply starts")
+        head = _render(hf, messages[:i], add_generation_prompt=True)
+        upto = _render(hf, messages[:i + 1])
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise ValueError(f"the chat template of {hf.name_or_path} renders assistant turn {i} differently as a "
+                             "prefix than in the whole conversation, so its reply span cannot be found; add "
+                             "{% generation %} ... {% endgeneration %} around the assistant content in the template")
+        spans.append((len(head), len(upto)))
+    return full, spans
+
+
+def encode_own_chat(tokenizer, messages: list[dict], *, train_on: str = "all") -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation under the tokenizer's own chat template (see the module
+    docstring): ids are ``apply_chat_template(messages)``; labels are the ids of the assistant
+    spans ({% generation %} blocks, or found by rendering prefixes) and -100 elsewhere."""
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    hf = own_template(tokenizer)
+    if hf is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no chat_template of its own")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role is {m.get('role')!r} (allowed: {', '.join(ROLES)})")
+    from jinja2 import TemplateError
+
+    try:
+        return _own_chat(hf, messages, train_on)
+    except TemplateError as e:  # the template's own raise_exception (e.g. "System role not supported")
+        raise ValueError(f"the chat template of {hf.name_or_path} refuses this conversation: {e}") from None
+
+
+def _own_chat(hf, messages: list[dict], train_on: str) -> tuple[list[int], list[int]]:
+    if _GENERATION.search(hf.chat_template):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    else:
+        text, spans = _prefix_spans(hf, messages)
+        enc = hf(text, add_special_tokens=False)
+        ids, mask = list(enc["input_ids"]), [0] * len(enc["input_ids"])
+        for start, end in spans:  # characters -> tokens, as transformers maps {% generation %} spans
+            if end <= start:
+                continue
+            first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+            if first is None:  # the span starts on characters no token covers (as transformers: skipped)
+                continue
+            for t in range(first, (last + 1) if last is not None else len(ids)):
+                mask[t] = 1
+    if train_on == "last":  # only the last run of supervised tokens (the last assistant turn)
+        ends = [t for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]
+        if ends:
+            start = ends[-1]
+            while start > 0 and mask[start - 1]:
+                start -= 1
+            mask = [int(start <= t <= ends[-1]) for t in range(len(mask))]
+    return ids, [i if m else IGNORE for i, m in zip(ids, mask)]
 
 
 def chat_template(role_tokens: dict[str, str], bos: str, eos: str) -> str:
@@ -154,6 +287,8 @@ def encode_chat(tokenizer, messages: list[dict], *, train_on: str = "all") -> tu
     supervised positions (assistant content + its <|end|>, the final EOS after a supervised last
     turn) and -100 elsewhere. train_on: "all" assistant turns, or only the "last" one.
     """
+    if own_template(tokenizer) is not None:  # a model's own tokenizer: its own chat template
+        return encode_own_chat(tokenizer, messages, train_on=train_on)
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
     tok = chat_tokens(tokenizer)

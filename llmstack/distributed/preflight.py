@@ -176,9 +176,9 @@ def run(hostfile: str, port: int) -> int:
 # A config sized for GPUs (gpt-1.3b) started on a CPU machine used to train a tokenizer, build the
 # model and the data loader, and then be killed for memory or crawl for hours per step. Memory
 # that does not fit is refused: the run cannot succeed, and the estimate (stages/plan.py, within
-# 10% of the measured CPU peak) is known before any work. A slow step is only announced: a smoke
-# test on CPU (model.n_layer=2, a smaller batch) is legitimate, and only the user knows how long
-# they mean to wait.
+# about 10% of the measured CPU peak, tests/distributed/test_plan.py) is known before any work. A
+# slow step is only announced: a smoke test on CPU (model.n_layer=2, a smaller batch) is
+# legitimate, and only the user knows how long they mean to wait.
 
 SKIP_MEMORY_CHECK_ENV = "LLMSTACK_SKIP_MEMORY_CHECK"  # =1: start a CPU run that does not fit anyway
 SLOW_STEP_S = 60.0  # a CPU step slower than this (at the matmul peak: a lower bound) is announced
@@ -233,19 +233,20 @@ def cpu_pretrain_check(cfg, *, world: int, local_procs: int, available: int | No
     t, seq = cfg.train, cfg.data.seq_len
     vocab = -(-cfg.tokenizer.vocab_size // 64) * 64  # as the model pads it; the tokenizer may not exist yet
     arch = model_config(cfg.model, vocab, seq, t.activation_checkpointing)
-    micro, _, global_batch = resolve_batch(t.micro_batch, t.grad_accum, t.global_batch, world)
+    micro, accum, global_batch = resolve_batch(t.micro_batch, t.grad_accum, t.global_batch, world)
     with torch.device("meta"):
         model = GPT(arch)
     est = plan.estimate(arch, seq_len=seq, micro_batch=micro, zero_stage=cfg.zero.stage, world=world,
                         precision=cfg.precision, offload_optimizer=cfg.zero.offload_optimizer,
                         offload_params=cfg.zero.offload_params, activation_checkpointing=t.activation_checkpointing,
-                        device="cpu")
+                        device="cpu", grad_accum=accum, segments=cfg.data.doc_mask)
     need = est.total + est.host  # without a GPU, offloaded states stay in the same memory
     what = (f"{model.num_params() / 1e6:.0f}M parameters, ZeRO-{cfg.zero.stage}, {cfg.precision}, micro-batch "
             f"{micro} x {seq} tokens")
     memory = (f"the memory planner's estimate is {need / GB:.1f} GB per process (weights {est.weights / GB:.1f}, "
-              f"gradients {est.grads / GB:.1f}, optimizer {(est.optimizer + est.host) / GB:.1f}, working set "
-              f"{max(est.activations, est.transient) / GB:.1f} GB) x {local_procs} "
+              f"gradients {(est.grads + est.grads_step) / GB:.1f}, optimizer "
+              f"{(est.master + est.optimizer + est.host) / GB:.1f}, working set {est.working / GB:.1f} GB) "
+              f"x {local_procs} "
               f"process{'es' if local_procs > 1 else ''} on this host")
     notes = []
     if available is not None and need * local_procs > available:

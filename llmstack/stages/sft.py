@@ -133,10 +133,13 @@ def run(cfg: SFTConfig) -> dict:
     if tasks is not None:  # every prompt fits the model (else exit 2 now, not at the first evaluation)
         tasks.check(tokenizer, arch, seq_len=cfg.data.seq_len, bos=False,  # no data.bos here
                     batch_size=t.micro_batch)
-    try:
-        formats.chat_tokens(tokenizer)
+    try:  # llmstack's chat tokens, or the tokenizer's own chat template (a model brought from elsewhere)
+        chat = formats.check_chat_tokenizer(tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if chat["template"] == "own":
+        env.print0(f"chat template: the tokenizer's own ({tokenizer.path}); loss on assistant spans from its "
+                   f"{'{% generation %} blocks' if chat['markers'] else 'rendered prefixes'}; EOS id {chat['eos']}")
     train_ex, val_ex, stats = read_data(cfg, tokenizer)  # every process: the global order is computed everywhere
     if run.saved is not None and run.saved.data_fingerprint not in (None, stats["fingerprint"]):
         raise UsageError(f"cannot resume from {run.resume_from}: the SFT data or its settings changed "

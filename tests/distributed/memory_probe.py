@@ -1,11 +1,14 @@
-"""Measure the peak memory of a real `llmstack pretrain` run, from model construction to the end
-of its last optimizer step (the final checkpoint's serialisation is not a training step).
+"""Measure the peak memory of a real `llmstack pretrain` run, from model construction until its
+final checkpoint is written: the training steps and the final validation, not the checkpoint's
+serialisation (not a training step). Runs in one process or under the deepspeed launcher (each
+rank prints its own line).
 
 Two measures, each as an increase over a baseline taken just before the model is built, so that
 the interpreter, torch, DeepSpeed, the tokenizer and the corpus cache are not counted:
 - heap: bytes in use by malloc (glibc's mallinfo2: arena + mmap'd blocks, where torch's CPU
   tensors live), sampled by a thread every half millisecond. CPU torch has no allocator
-  statistics like CUDA's max_memory_allocated; this is the closest thing.
+  statistics like CUDA's max_memory_allocated; this is the closest thing. (The main arena: other
+  threads' arenas are not seen, and training allocates its tensors on the main thread.)
 - rss: the kernel's resident-set high-water mark (VmHWM, reset at the baseline through
   /proc/self/clear_refs), so no transient escapes it; it also counts freed memory malloc has
   not returned to the system, and library pages first touched during training.
@@ -69,10 +72,10 @@ def main() -> None:
                 state["window"] = max(state["window"], h)
             time.sleep(0.0005)
 
+    steps = {"n": 0}
+
     def record(name: str, value: int) -> None:
         phases[name] = max(phases.get(name, 0), value - state["base"])
-
-    steps = {"n": 0}
 
     build = common.build_model
 
@@ -121,7 +124,8 @@ def main() -> None:
     common.build_model, common.train_engine = measured_build, measured_engine
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    pretrain.run(load_config(PretrainConfig, sys.argv[1], sys.argv[2:]))
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # (added by the deepspeed launcher)
+    pretrain.run(load_config(PretrainConfig, args[0], args[1:]))
     if not state["stop"]:
         state["rss_peak"] = _status_kb("VmHWM")
     state["stop"] = True
