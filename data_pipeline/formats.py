@@ -308,7 +308,20 @@ def encode_chat(tokenizer, messages: list[dict], *, train_on: str = "all") -> tu
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Ids of the conversation so far plus the assistant header: what a chat model continues
-    (= ``apply_chat_template(messages, add_generation_prompt=True)``)."""
+    (= ``apply_chat_template(messages, add_generation_prompt=True)``), under the tokenizer's own
+    chat template when it brings one (see `own_template`), else llmstack's."""
+    hf = own_template(tokenizer)
+    if hf is not None:
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES:
+                raise ValueError(f"messages[{i}].role is {m.get('role')!r} (allowed: {', '.join(ROLES)})")
+        from jinja2 import TemplateError
+
+        try:
+            out = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        except TemplateError as e:
+            raise ValueError(f"the chat template of {hf.name_or_path} refuses this conversation: {e}") from None
+        return list(out["input_ids"])
     tok = chat_tokens(tokenizer)
     ids = [tok["bos"]]
     for role, content in _encode_turns(tokenizer, messages, tok):

@@ -131,7 +131,9 @@ class Gemma(GPT):
         tables = self._fixed_tables.get(str(device))
         if tables is None:
             c = self.config
-            with torch.autocast(device.type, enabled=False):
+            # normal tensors even when first made under inference mode (a sampler's generate),
+            # so a later training forward may save them for backward
+            with torch.autocast(device.type, enabled=False), torch.inference_mode(False), torch.no_grad():
                 tables = {"global": rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device,
                                                   scaling=c.rope_scaling),
                           "local": rotary_tables(c.head_dim, c.max_seq_len, c.local_theta, device=device)}

@@ -154,7 +154,9 @@ class GPT(nn.Module):
         tables = self._fixed_tables.get(str(device))
         if tables is None:
             c, tables = self.config, {}
-            with torch.autocast(device.type, enabled=False):
+            # normal tensors even when first made under inference mode (a sampler's generate),
+            # so a later training forward may save them for backward
+            with torch.autocast(device.type, enabled=False), torch.inference_mode(False), torch.no_grad():
                 if c.pos == "rotary":
                     tables["rope"] = rotary_tables(c.rotary_dim, c.max_seq_len, c.rope_theta, device=device,
                                                    scaling=c.rope_scaling)

@@ -21,11 +21,20 @@ from llmstack.generate import generate
 from llmstack.models.heads import PolicyLM
 
 
-def chat_stops(tokenizer) -> tuple[tuple[int, int], int]:
-    """((<|end|>, EOS) ids that end a response, pad id) of a chat tokenizer; exit 2 without them."""
-    from data_pipeline.formats import chat_tokens
+def chat_stops(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(ids that end a response, pad id) of a chat tokenizer: (<|end|>, EOS) under llmstack's
+    template; the tokenizer's EOS under its own chat template (its end-of-turn token, e.g.
+    <|im_end|> or <|eot_id|>), with a pad that is never that EOS. Exit 2 without them."""
+    from data_pipeline.formats import chat_tokens, check_chat_tokenizer
 
     try:
+        how = check_chat_tokenizer(tokenizer)
+        if how["template"] == "own":
+            if how["eos"] is None:
+                raise ValueError(f"tokenizer {tokenizer.path} has a chat template but no EOS token "
+                                 "(tokenizer_config.json eos_token): a response could never end")
+            pad = tokenizer.pad_id if tokenizer.pad_id not in (None, how["eos"]) else int(how["eos"] == 0)
+            return (how["eos"],), pad
         chat = chat_tokens(tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None

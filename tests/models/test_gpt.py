@@ -152,3 +152,17 @@ def test_bad_shapes_are_refused():
         GPTConfig(vocab_size=10, d_model=32, n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_position_tables_first_made_in_inference_mode_train_later():
+    """A sampler's generate (inference mode) may be a rotary model's first forward; the cached
+    position tables must still be usable by a later training forward (PPO/GRPO actors)."""
+    from llmstack.models.gpt import GPT, gpt_config_from_preset
+
+    m = GPT(gpt_config_from_preset("llama-tiny", 100, n_layer=1))
+    m.init_weights()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with torch.inference_mode():
+        m(ids)
+    m(ids, labels=ids).backward()
+    assert m.wte.weight.grad is not None
