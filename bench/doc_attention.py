@@ -49,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, the work itself, "
+                   "unaffected by time spent descheduled on a busy machine) (default: %(default)s)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one mode's peak memory
     return p.parse_args(argv)
 
@@ -112,6 +116,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.skip_time:
         time_steps(args)
     if not args.skip_memory:
@@ -125,14 +131,16 @@ def time_steps(args) -> None:
     for m in MODES:
         step(model, inputs[m])  # warm-up
     times = {m: [] for m in MODES}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.reps):
         for m in MODES:
-            t = time.perf_counter()
+            t = clock()
             step(model, inputs[m])
-            times[m].append(time.perf_counter() - t)
+            times[m].append(clock() - t)
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"step time, {args.dtype}, B={B} T={T}, {args.docs} documents per row, "
-          f"d_model {args.d_model} x {args.layers} layers (median of {args.reps}):")
+          f"d_model {args.d_model} x {args.layers} layers, {torch.get_num_threads()} threads, {args.clock} clock "
+          f"(median of {args.reps}):")
     for m in MODES:
         print(f"  {m:16s} {1000 * med[m]:8.1f} ms  ({med[m] / med['one_doc']:.3f}x one_doc)")
     print(f"segments / one_doc step time: {med['segments'] / med['one_doc']:.3f} (target <= 1.15)")
