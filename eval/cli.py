@@ -8,8 +8,8 @@
 Tasks: builtin task names (`--tasks list` shows them), task YAML files, and `ppl:SOURCE`
 (perplexity of a text source, each document on its own by default, as the harness's
 loglikelihood_rolling; `--ppl-mode stream` for one concatenated stream). The model is a checkpoint
-of any ZeRO stage, a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA
-directory; llmstack T5 (loglikelihood, multiple choice, generation) and BERT (pseudo-perplexity)
+of any ZeRO stage, a consolidated or imported directory, or a Hugging Face directory of a family
+llmstack imports (GPT-2, Llama, Qwen2/3, Mistral, Phi-3, GPT-NeoX / Pythia, Gemma 2/3); llmstack T5 (loglikelihood, multiple choice, generation) and BERT (pseudo-perplexity)
 models too. Chat models: --apply-chat-template. Prints a table; `--output`
 writes the results JSON (config, model and tokenizer hashes, metrics with standard errors,
 per-sample log-likelihoods with `--log-samples`).

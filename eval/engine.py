@@ -5,7 +5,10 @@ Every request becomes positions in a *row*, the unit the model runs on:
   then each continuation's tokens (all but its last), each attending to the context and to its
   own earlier tokens only (a block mask), with positions restarting at len(context). The
   context is computed once for all choices, and a one-token continuation costs nothing beyond
-  the context: its log-probability is read at the context's last position.
+  the context: its log-probability is read at the context's last position. Not for a model
+  whose attention depends on where a token sits in the row (a sliding window, Mistral's or
+  Gemma's local layers; ALiBi): a continuation's tokens sit further along the row than their
+  positions, so there each continuation gets a row of its own (context + continuation).
 - a rolling-perplexity window is a plain causal row whose last `n` positions are scored.
 
 Batch-size invariance is by construction, not by luck: a row's values never depend on the other
@@ -48,17 +51,18 @@ class Row:
     targets: list[tuple[int, int, tuple]] = field(default_factory=list)
 
 
-def mc_rows(requests: list[tuple[list[int], list[int]]], max_len: int) -> list[Row]:
+def mc_rows(requests: list[tuple[list[int], list[int]]], max_len: int, share: bool = True) -> list[Row]:
     """Rows for (context, continuation) token requests; result keys are (request index, token j).
 
-    Requests with the same context share a row (as many continuations as fit in max_len).
+    Requests with the same context share a row (as many continuations as fit in max_len); with
+    share=False each request has a row of its own.
     """
     groups: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
-        groups.setdefault(tuple(ctx), []).append(i)
+        groups.setdefault(tuple(ctx) if share else (i, tuple(ctx)), []).append(i)
     rows = []
-    for ctx, members in groups.items():
-        row = None
+    for members in groups.values():
+        ctx, row = requests[members[0]][0], None
         for i in members:
             cont = requests[i][1]
             extra = len(cont) - 1  # tokens this continuation adds to the row
@@ -119,6 +123,10 @@ class Scorer:
         self.batch_size = batch_size
         self.device = device or next(model.parameters()).device  # inputs go where the model is
         self.max_len = model.config.max_seq_len
+        # continuations may share their context's row only where attention is the same at any
+        # row index (see the module docstring): not with a sliding window or ALiBi
+        c = model.config
+        self.share_context = getattr(c, "attn_pattern", "full") == "full" and getattr(c, "pos", None) != "alibi"
         self.progress = progress
         self.tokens_scored = 0  # positions run through the model (padding excluded), for throughput
         self.seconds = 0.0
@@ -170,7 +178,7 @@ class Scorer:
     # -- scoring --------------------------------------------------------------------------
     def loglikelihood(self, requests: list[tuple[list[int], list[int]]], desc: str = "") -> list[tuple[float, bool]]:
         """(sum of log-probs of the continuation, whether greedy decoding produces it) per request."""
-        per_token = self.score_rows(mc_rows(requests, self.max_len), desc)
+        per_token = self.score_rows(mc_rows(requests, self.max_len, self.share_context), desc)
         out = []
         for i, (_, cont) in enumerate(requests):
             lps = [per_token[(i, j)] for j in range(len(cont))]

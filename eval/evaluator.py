@@ -29,18 +29,22 @@ from llmstack.errors import UsageError
 from llmstack.generate import DTYPE_NAMES, check_vocab, place_model, resolve_placement
 from llmstack.train.meta import CheckpointMeta
 
+# decoder-only families: scored by engine.Scorer, ppl: by rolling windows, --bos applies
+DECODERS = ("gpt", "gemma")
+
 
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto"):
     """(model on `device` in `dtype`, tokenizer, info): a checkpoint of any ZeRO stage (consolidated
-    on load), a consolidated or imported directory, or a Hugging Face GPT-2 / LLaMA directory.
+    on load), a consolidated or imported directory, or a Hugging Face directory of a decoder-only
+    model llmstack imports natively (GPT-2, the llama lineage, GPT-NeoX, Phi-3, Gemma 2/3).
     device/dtype as --device/--dtype (auto: this rank's GPU in bf16, else the CPU in fp32)."""
     dev, dt = resolve_placement(device, dtype)
-    model, tokenizer, info = _load_cpu(path, tokenizer_path)
+    model, tokenizer, info = _load_cpu(path, tokenizer_path, DECODERS)
     return place_model(model, dev, dt), tokenizer, info
 
 
-def _load_cpu(path: str, tokenizer_path: str | None, families: tuple[str, ...] = ("gpt",)):
+def _load_cpu(path: str, tokenizer_path: str | None, families: tuple[str, ...] = DECODERS):
     """(model on CPU in fp32 as stored, tokenizer, info); a model of another family than
     `families` is a UsageError."""
     from llmstack.train.weights import load_for_inference
@@ -52,9 +56,10 @@ def _load_cpu(path: str, tokenizer_path: str | None, families: tuple[str, ...] =
     check_vocab(tokenizer, info, path)
     family = info.model_family
     if family not in families:
-        kinds = {"gpt": "decoder-only (gpt)", "t5": "encoder-decoder (t5)", "bert": "masked-LM (bert)"}
+        kinds = {"gpt": "decoder-only (gpt)", "gemma": "decoder-only (gemma)", "t5": "encoder-decoder (t5)",
+                 "bert": "masked-LM (bert)"}
         raise UsageError(f"{path} is a {family} model: this command scores "
-                         f"{' and '.join(kinds.get(f, f) for f in families)} models")
+                         f"{', '.join(dict.fromkeys(kinds.get(f, f) for f in families))} models")
     return model, tokenizer, info
 
 
@@ -115,13 +120,13 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
         raise UsageError("no tasks given")
     if env.world_size() > 1:
         env.init()
-    model, tok, info = _load_cpu(model_path, tokenizer, ("gpt", "t5", "bert"))
+    model, tok, info = _load_cpu(model_path, tokenizer, (*DECODERS, "t5", "bert"))
     family = info.model_family
-    if family != "gpt":  # what a T5 or BERT cannot run is refused before any scoring
+    if family not in DECODERS:  # what a T5 or BERT cannot run is refused before any scoring
         _check_family(family, specs, bos, ppl_mode)
     model_hash = weights_hash(model)  # of the weights as stored, whatever dtype they run in
     place_model(model, dev, dt)
-    use_bos = (_bos_default(info) if bos is None else bos) if family == "gpt" else False
+    use_bos = (_bos_default(info) if bos is None else bos) if family in DECODERS else False
     if use_bos and tok.bos_id is None:
         raise UsageError(f"--bos: the tokenizer of {model_path} has no BOS token")
     task_bos = {name: use_bos for name, _ in specs}
@@ -151,7 +156,7 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
                    "acc_norm": "log-likelihood / UTF-8 bytes of the choice"},
         "tasks": {},
     }
-    if family != "gpt":
+    if family not in DECODERS:
         results["config"]["scoring"] = scorer.description
     t0 = time.perf_counter()
     for name, prep in specs:
@@ -183,7 +188,7 @@ def evaluate(model_path: str, tasks: list[str], *, num_fewshot: int | None = Non
 
 
 def _scorer_class(family: str):
-    """The scorer of a model family: engine.Scorer (gpt), seq2seq.Seq2SeqScorer (t5), mlm.MlmScorer (bert)."""
+    """The scorer of a model family: engine.Scorer (gpt, gemma), seq2seq.Seq2SeqScorer (t5), mlm.MlmScorer (bert)."""
     if family == "t5":
         from eval.seq2seq import Seq2SeqScorer
 
@@ -284,13 +289,13 @@ def _generate(scorer: Scorer, prep, bos: bool, truncate: str, log_samples: bool)
     harness's HF backend's rule). `hit_max_gen_toks` counts the answers that ran out of tokens
     before a stop string or EOS (max_gen_toks, or the model's context when it came first): they
     may be cut short, and a warning says how many."""
-    from llmstack.models.gpt import GPT
+    from eval.seq2seq import Seq2SeqScorer
 
     spec = prep.spec
     gen = spec.generation_kwargs
     until = gen.until if gen and gen.until else [spec.fewshot_delimiter]
     max_new = gen.max_gen_toks if gen else 32
-    decoder_only = isinstance(scorer.model, GPT)  # else an encoder-decoder: the prompt is the encoder's input
+    decoder_only = not isinstance(scorer, Seq2SeqScorer)  # else an encoder-decoder: the prompt is the encoder's input
     if max_new < 1 or (decoder_only and truncate == "left" and max_new >= scorer.max_len):
         raise UsageError(f"task {spec.task}: generation_kwargs.max_gen_toks is {max_new}; it must be between 1 and "
                          f"{scorer.max_len - 1} (the model's context is {scorer.max_len} tokens)")

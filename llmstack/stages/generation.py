@@ -1,4 +1,4 @@
-"""`llmstack generate`: decode continuations of prompts from a GPT or T5 model.
+"""`llmstack generate`: decode continuations of prompts from a decoder-only (GPT, Gemma) or T5 model.
 
 The model comes from a checkpoint, a consolidated / imported directory, or a Hugging Face
 directory. GPT prompts are preceded by EOS when the tokenizer is llmstack's (pretraining
@@ -6,8 +6,12 @@ documents follow an EOS, so this is "start of a document"); T5 prompts end with 
 encoder inputs of span corruption do. Decoding stops at EOS (and at any --stop token): every
 EOS id of the model (the tokenizer's, and the list an imported config.json / generation_config.json
 names, such as Llama 3 Instruct's three), as transformers' `generate` on the export does.
-With --chat, each message is a user turn under the chat template (formats.encode_prompt: the
-conversation up to the assistant header) and the reply stops at <|end|>.
+With --chat, each message is a user turn under the chat template, rendered up to the assistant
+header: llmstack's own (formats.encode_prompt; the reply stops at <|end|>) for its tokenizers, and
+for a tokenizer brought with a model (Llama 3, Qwen, Gemma, Phi-3, ...) its own Jinja
+`chat_template`, through transformers' `apply_chat_template(add_generation_prompt=True)`; the reply
+then stops at the token the template closes an assistant turn with (<|eot_id|>, <|im_end|>,
+<end_of_turn>, <|end|>) and at every EOS id.
 The model runs on --device in --dtype (default auto: the GPU in bf16 when there is one, else the
 CPU in fp32; see llmstack/generate.py), sampling seeded by --seed on that device.
 """
@@ -19,6 +23,8 @@ from llmstack.errors import UsageError
 from llmstack.generate import check_vocab, generate, place_model, resolve_placement, sampling_generator
 from llmstack.stages.export import special_ids
 from llmstack.train.weights import load_for_inference
+
+DECODERS = ("gpt", "gemma")  # decoder-only families: prompts are continued as they are
 
 
 def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
@@ -33,6 +39,47 @@ def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
             tid = enc[0]
         ids.append(tid)
     return ids
+
+
+def chat_prompts(tokenizer, conversations: list[list[dict]]) -> tuple[list[list[int]], list[int]]:
+    """(ids of each conversation up to the assistant's turn, the ids that end a reply) under the
+    tokenizer's chat template: its own Jinja template when it brings one (formats.own_template),
+    else llmstack's (<|end|> ends a reply). A template that fails is a UsageError."""
+    from jinja2 import TemplateError
+
+    hf = formats.own_template(tokenizer)
+    if hf is None:
+        try:
+            end = formats.chat_tokens(tokenizer)["end"]
+            return [formats.encode_prompt(tokenizer, m) for m in conversations], [end]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        ids = [list(hf.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for m in conversations]
+    except TemplateError as e:
+        raise UsageError(f"the chat template of tokenizer {tokenizer.path} failed: {e}") from None
+    return ids, end_of_turn_ids(hf)
+
+
+def end_of_turn_ids(hf) -> list[int]:
+    """The special token a chat template closes an assistant turn with (<|eot_id|>, <|im_end|>,
+    <end_of_turn>, ...), found by rendering a reply: the first token after its content, when that
+    is a special token; [] when there is none (the template ends turns with EOS or plain text)."""
+    from jinja2 import TemplateError
+
+    mark = "Reply text."
+    turns = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": mark}]
+    try:
+        text = hf.apply_chat_template(turns, tokenize=False)
+    except TemplateError:
+        return []
+    at = text.rfind(mark)
+    if at < 0:
+        return []
+    tail = hf(text[at + len(mark):], add_special_tokens=False)["input_ids"]
+    special = {i for i, t in hf.added_tokens_decoder.items() if t.special}
+    return tail[:1] if tail and tail[0] in special else []
 
 
 def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
@@ -55,25 +102,22 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     model, tok, info = load_for_inference(model_path, tokenizer_path)
     check_vocab(tok, info, model_path)
     family = info.model_family
-    if family not in ("gpt", "t5"):
-        raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model")
+    if family not in (*DECODERS, "t5"):
+        raise UsageError(f"{model_path} is a {family} model (masked LM): generation needs a gpt or t5 model "
+                         "(or gemma: a decoder-only or encoder-decoder family)")
     place_model(model, dev, dt)
     eos_ids = special_ids(tok, info)["eos"]  # the tokenizer's EOS and every one the model's config names
     eos = tok.eos_id if tok.eos_id is not None else (eos_ids[0] if eos_ids else None)  # the one a prompt takes
     ids = [tok.encode(p) for p in prompts]
-    if family == "gpt" and tok.meta and eos is not None:
+    if family in DECODERS and tok.meta and eos is not None:
         ids = [[eos] + x for x in ids]
     chat_stops = []
     if chat:
-        if family != "gpt":
-            raise UsageError("--chat needs a gpt model fine-tuned with `llmstack sft`")
-        try:
-            end = formats.chat_tokens(tok)["end"]
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        if family not in DECODERS:
+            raise UsageError("--chat needs a decoder-only (gpt, gemma) chat model")
         head = [{"role": "system", "content": system}] if system else []
-        ids = [formats.encode_prompt(tok, [*head, {"role": "user", "content": c}]) for c in chat]
-        prompts, chat_stops = list(chat), [end]
+        ids, chat_stops = chat_prompts(tok, [[*head, {"role": "user", "content": c}] for c in chat])
+        prompts = list(chat)
     if family == "t5" and eos is not None:
         ids = [x + [eos] for x in ids]
     if any(len(x) == 0 for x in ids):
@@ -94,5 +138,5 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
         if chat:
             print(f"--- user: {prompt!r}\n{text}", flush=True)
         else:
-            print(f"--- prompt: {prompt!r}\n{prompt if family == 'gpt' else ''}{text}", flush=True)
+            print(f"--- prompt: {prompt!r}\n{prompt if family in DECODERS else ''}{text}", flush=True)
     return texts

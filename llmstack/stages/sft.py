@@ -54,7 +54,7 @@ def evaluate_tokens(engine, batches: list[dict]) -> float:
     engine.eval()
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
     for i in range(rounds):
-        batch = {k: v.to(dev) for k, v in (mine[i] if i < len(mine) else batches[0]).items()}
+        batch = env.to_device(mine[i] if i < len(mine) else batches[0], dev)
         total = summed_loss(engine, batch)
         if i < len(mine):
             acc += torch.stack([total.double(), supervised(batch).double()])

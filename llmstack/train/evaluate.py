@@ -25,7 +25,7 @@ def evaluate_batches(engine, batches: list[dict], loss_fn) -> float:
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=dev)
     for batch in batches:
-        total += loss_fn(engine, {k: v.to(dev) for k, v in batch.items()}).double()
+        total += loss_fn(engine, env.to_device(batch, dev)).double()
     if was_training:
         engine.train()
     return float(env.all_reduce_mean(total / max(1, len(batches))).item())
@@ -49,7 +49,7 @@ def evaluate_pairs(engine, pairs: list[dict], micro: int, pad_id: int,
     for s in range(0, per_rank, micro):
         idx = mine[s:s + micro]
         batch = collate([pairs[max(i, 0)] for i in idx], pad_id, idx)
-        batch = {k: v.to(env.device()) for k, v in batch.items()}
+        batch = env.to_device(batch)
         w = batch["weight"].double()
         for name, v in pair_stats(engine, batch).items():
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=w.device)) + (v.double() * w).sum()
