@@ -7,7 +7,8 @@ as they are. config.json and, for decoders, generation_config.json carry the mod
 PAD ids (`special_ids`: EOS may be a list), so transformers' `generate` stops where
 `llmstack generate` does.
 
-import: a Hugging Face directory of GPT-2, LLaMA, BERT (masked LM) or T5 -> a native model
+import: a Hugging Face directory of GPT-2, Llama 2/3.x, Qwen2/2.5/3, Mistral, Phi-3, GPT-NeoX
+(Pythia), Gemma 2/3, BERT (masked LM) or T5 -> a native model
 directory (model.safetensors + llmstack_model.json, which records the pad / bos / eos ids of its
 config.json and generation_config.json, + the tokenizer files) that
 `model.init`, `llmstack generate`, `llmstack-eval` and `llmstack export` all accept.
