@@ -6,8 +6,10 @@ Design choices, each a config option rather than a separate class (the pieces li
   linear bias on attention scores), or none
 - attention: multi-head, grouped- or multi-query (n_kv_head < n_head), one fused QKV matmul,
   PyTorch SDPA; a head dim of its own (n_head * d_head may differ from d_model) and per-head
-  q/k norms before rotary (Qwen3); patterns full causal, sliding window, strided or fixed (sparse
-  transformers) as masks over SDPA; attention dropout
+  q/k norms before rotary (Qwen3); q/k/v bias alone (Qwen2); rope scaling llama3 / linear / yarn;
+  patterns full causal, sliding window, strided or fixed (sparse transformers) as masks over
+  SDPA; packed documents and padding as segment ids (layers.SegmentPlan: never a (B, 1, T, T)
+  mask); GQA through SDPA's enable_gqa; attention dropout
 - norm: LayerNorm (with or without bias) or RMSNorm; pre-norm (default), post-norm, or pre-norm
   with parallel attention and MLP branches (GPT-NeoX); a final norm (default on); optional
   LayerScale on both residual branches
