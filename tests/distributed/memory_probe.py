@@ -133,7 +133,12 @@ def main() -> None:
     out = {"peak_bytes": state["peak"] - state["base"], "phases": phases}
     if state["rss_ok"]:
         out["rss_peak_bytes"] = state["rss_peak"] - state["rss_base"]
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    # leave as the CLI does after a multi-process run: a gloo teardown abort at interpreter exit
+    # would otherwise kill a rank (and, unflushed, its line) now and then
+    from llmstack.distributed import env
+
+    env.exit_after_group(0)
 
 
 if __name__ == "__main__":
