@@ -335,7 +335,7 @@ class SegmentPlan:
         self.flex = bool(use_flex) and pattern in ("full", "sliding")
         if self.flex:
             self.segment_ids = segment_ids
-            self._block_mask = None  # made on first use (needs the device and the head count)
+            self._block_mask = None  # made on first use, on the ids' device
             return
         self._plan_gather(segment_ids)
 
@@ -364,9 +364,10 @@ class SegmentPlan:
             n = lengths[docs]
             col = np.arange(L)[None, :]
             src = starts[docs][:, None] + np.minimum(col, n[:, None] - 1)  # (N, L) into `order`
-            gather.append(order[src].reshape(-1))
+            slots = order[src].reshape(-1)  # the flat token each slot reads
+            gather.append(slots)
             real = (col < n[:, None]).reshape(-1)
-            scatter[order[src].reshape(-1)[real]] = base + np.flatnonzero(real)
+            scatter[slots[real]] = base + np.flatnonzero(real)
             self.buckets.append((len(docs), int(L)))
             base += len(docs) * int(L)
         dev = segment_ids.device
