@@ -20,6 +20,7 @@ Usage: python tests/distributed/memory_probe.py CONFIG [key=value ...]
 
 import ctypes
 import json
+import os
 import sys
 import threading
 import time
@@ -133,7 +134,10 @@ def main() -> None:
     out = {"peak_bytes": state["peak"] - state["base"], "phases": phases}
     if state["rss_ok"]:
         out["rss_peak_bytes"] = state["rss_peak"] - state["rss_base"]
-    print(json.dumps(out), flush=True)
+    # one write() of the whole line: the deepspeed launcher runs ranks with `python -u`, where print
+    # writes the text and its newline separately and two ranks' lines can interleave in the pipe
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps(out) + "\n").encode())
     # leave as the CLI does after a multi-process run: a gloo teardown abort at interpreter exit
     # would otherwise kill a rank (and, unflushed, its line) now and then
     from llmstack.distributed import env
