@@ -54,6 +54,13 @@ KINDS = ("bpe", "sp_bpe", "sp_unigram")
 META_FILE = "llmstack_tokenizer.json"
 SP_MODEL_FILE = "sentencepiece.model"
 META_FORMAT = 1
+# An extended copy's record of what was added to which tokenizer (extend_tokenizer)
+ADDED_FILE = "llmstack_added_tokens.json"
+PAD_TOKEN = "<|pad|>"  # the pad token extend_tokenizer adds to a tokenizer without one
+# The transformers files an extended copy carries beside tokenizer.json. Slow tokenizers' vocabulary
+# files (tokenizer.model, vocab.json, merges.txt) are left behind: they would lack the added tokens.
+_HF_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+             META_FILE, SP_MODEL_FILE)
 _SPACE = "\u2581"  # SentencePiece's visible space
 # SentencePiece skips training "sentences" longer than max_sentence_length bytes, so documents
 # are fed in line-aligned chunks of at most this many characters (4 bytes per char worst case).
@@ -98,11 +105,33 @@ def min_vocab_size(num_sentinels: int = 100) -> int:
 
 
 def tokenizer_hash(path: str | os.PathLike) -> str:
-    """Short sha256 of the canonical content of tokenizer.json (formatting-insensitive)."""
+    """Short sha256 of the canonical content of tokenizer.json (formatting-insensitive). An
+    extended copy (:func:`extend_tokenizer`) is ``<base hash>+<own hash>``: weights made for the
+    base tokenizer are recognised as fitting it once their vocabulary grows (:func:`extends`)."""
     file = _tokenizer_file(path)
     content = json.loads(file.read_text(encoding="utf-8"))
     canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    own = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    base = _added_record(file.parent).get("base_hash")
+    return f"{base}+{own}" if base else own
+
+
+def extends(tokenizer_hash: str | None, base_hash: str | None) -> bool:
+    """True if the tokenizer of `tokenizer_hash` is an extended copy of the one of `base_hash`
+    (tokens added to it, by one or several :func:`extend_tokenizer` calls); any extension when
+    `base_hash` is unknown (None)."""
+    if not tokenizer_hash or "+" not in tokenizer_hash:
+        return False
+    return base_hash is None or tokenizer_hash.startswith(base_hash + "+")
+
+
+def _added_record(d: Path) -> dict:
+    f = d / ADDED_FILE
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _tokenizer_file(path: str | os.PathLike) -> Path:
@@ -148,6 +177,8 @@ class Tokenizer:
         self.sentinel_ids = []
         while (i := self._id(f"<extra_id_{len(self.sentinel_ids)}>")) is not None:
             self.sentinel_ids.append(i)
+        # an extended copy (extend_tokenizer): {"base_hash", "base_vocab_size", "pad", "tokens": {token: id}}
+        self.added = _added_record(file.parent)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -214,6 +245,101 @@ def _hf_special_tokens(d: Path) -> dict[str, str]:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json (or the file itself)."""
     return Tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added tokens
+
+
+def tokens_to_add(tokenizer: Tokenizer, *, add_pad: bool = True,
+                  add_tokens: Sequence[str] = ()) -> tuple[str | None, list[str]]:
+    """(pad token to declare or None, tokens the vocabulary lacks, in order) for `tokenizer`:
+    with `add_pad`, a tokenizer without a pad token gets PAD_TOKEN (a new token unless its
+    vocabulary already holds that string); `add_tokens` not in the vocabulary are added."""
+    pad = PAD_TOKEN if add_pad and tokenizer.pad_id is None else None
+    new: list[str] = []
+    for t in ([pad] if pad else []) + list(add_tokens):
+        if tokenizer.token_to_id(t) is None and t not in new:
+            new.append(t)
+    return pad, new
+
+
+def extend_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, add_pad: bool = True,
+                     add_tokens: Sequence[str] = (), avoid_ids: Iterable[int] = (),
+                     note: dict | None = None) -> Tokenizer:
+    """`tokenizer` with a pad token and `add_tokens` added (see :func:`tokens_to_add`), written to
+    `out_dir` as a copy; `tokenizer` itself when there is nothing to add (no copy).
+
+    The copy holds tokenizer.json with the new tokens as special tokens (ids after the existing
+    ones: the ids of every text stay the same), the transformers files (tokenizer_config.json,
+    special_tokens_map.json: the pad token named, the added ones listed; the chat template kept),
+    and ADDED_FILE recording the base tokenizer's hash and size and the added ids; its hash is
+    ``<base hash>+<own hash>`` (:func:`tokenizer_hash`). The pad is never an EOS: a PAD_TOKEN that
+    the vocabulary already holds as `tokenizer`'s EOS or one of `avoid_ids` (e.g. a model's other
+    EOS ids) is refused (ValueError). The same inputs always give the same copy and hash. `note`
+    is kept in the record (e.g. the special ids a model's config names, for its export).
+    """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    pad, new = tokens_to_add(tokenizer, add_pad=add_pad, add_tokens=add_tokens)
+    if pad is None and not new:
+        return tokenizer
+    if pad is not None and pad not in new:
+        existing = tokenizer.token_to_id(pad)
+        if existing == tokenizer.eos_id or existing in set(avoid_ids):
+            raise ValueError(f"cannot add the pad token {pad}: the tokenizer has it as an EOS token (id {existing})")
+    src = Path(tokenizer.path)
+    tok = _HFTokenizer.from_file(str(src / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+    ids = {t: tok.token_to_id(t) for t in new}
+    if any(i is None or i < tokenizer.vocab_size for i in ids.values()):  # never an existing id
+        raise RuntimeError(f"added tokens got ids {ids}, expected {tokenizer.vocab_size} and up")
+
+    final = Path(out_dir)
+    out = final.with_name(f"{final.name}.tmp{os.getpid()}")  # renamed into place when complete
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in _HF_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    tok.save(str(out / "tokenizer.json"))
+    extra = [t for t in new if t != pad]
+    entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+
+    def update(name: str, fresh: dict | None) -> None:
+        f = out / name
+        if not f.is_file() and fresh is None:
+            return
+        cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else fresh
+        if pad is not None:
+            cfg["pad_token"] = pad
+        if name == "tokenizer_config.json" and isinstance(cfg.get("added_tokens_decoder"), dict):
+            for t, i in ids.items():
+                cfg["added_tokens_decoder"][str(i)] = {"content": t, **entry}
+        if extra:
+            key = next((k for k in ("extra_special_tokens", "additional_special_tokens")
+                        if isinstance(cfg.get(k), list)), "additional_special_tokens")
+            cfg[key] = [*cfg.get(key, []), *[t for t in extra if t not in cfg.get(key, [])]]
+        f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    # a bare tokenizer.json gets a tokenizer_config.json naming its special tokens, as transformers reads them
+    named = {f"{k}_token": tokenizer.id_to_token(i) for k, i in
+             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("unk", tokenizer.unk_id)) if i is not None}
+    update("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **named})
+    update("special_tokens_map.json", None)
+    record = {**(note or {}), "base_hash": tokenizer.hash, "base_vocab_size": tokenizer.vocab_size, "pad": pad,
+              "tokens": ids}
+    (out / ADDED_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (out / META_FILE).is_file():  # an llmstack tokenizer: its metadata describes the copy
+        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+        meta.update(vocab_size=tok.get_vocab_size(with_added_tokens=True), hash=tokenizer_hash(out),
+                    added_tokens=ids)
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return Tokenizer(final)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,13 @@ _PEER_EXIT_GRACE_S = 3.0
 TRAINING_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.max_steps=200 zero.stage=3 (values parsed as YAML)"
+# the fine-tuning stages' word on the generic backend (models/hf_backend.py)
+HF_BACKEND_HELP = ("A transformers model that `llmstack import` does not map trains through its own class with "
+                   "model.backend=hf (actor.backend / critic.backend for ppo and grpo; init: its directory, or a "
+                   "checkpoint of such a run) under the same DeepSpeed engine, ZeRO stages and precision. It lacks "
+                   "packed sequences (sft.packing=false), the fused chunked loss (the logits are formed), the "
+                   "native decoding step (rollouts use the model's own KV cache) and `llmstack plan`; export it to "
+                   "evaluate it. LoRA targets are its module names (q_proj, ...; q k v o up gate down as *_proj).")
 
 VERSION = f"llmstack {__version__}"  # what `llmstack --version` and `llmstack-eval --version` print
 
@@ -167,7 +174,8 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def _config_cmd(sub, name: str, help_: str, description: str, config_optional: bool = False):
-    p = sub.add_parser(name, help=help_, description=description)
+    epilog = HF_BACKEND_HELP if sub.dest == "command" and name in ("sft", "rm", "dpo", "ppo", "grpo") else None
+    p = sub.add_parser(name, help=help_, description=description, epilog=epilog)
     p.add_argument("config", help="YAML config file (see configs/)", nargs="?" if config_optional else None)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config (and DeepSpeed config) and exit")

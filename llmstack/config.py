@@ -123,6 +123,17 @@ class TokenizerConfig(Strict):
     num_sentinels: int = Field(100, ge=0)
     train_sources: list[SourceConfig] | None = Field(None, description="default: data.sources")
     max_chars: int | None = Field(None, ge=1, description="cap on characters read for training")
+    add_pad: bool = Field(True, description="fine-tuning stages: when the tokenizer has no pad token, add one "
+                          "(<|pad|>, never an EOS) in a copy under run.dir/tokenizer and grow the embeddings")
+    add_tokens: list[str] = Field(default_factory=list, description="fine-tuning stages: special tokens to add "
+                                  "(those the vocabulary lacks), as add_pad does")
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _tokens_not_blank(cls, v):
+        if any(not t.strip() for t in v):
+            raise ValueError("an added token must not be empty or only whitespace")
+        return v
 
 
 class TrainConfig(Strict):
@@ -218,6 +229,12 @@ class ModelConfig(Strict):
     family: Literal["gpt", "bert", "t5"] = "gpt"
     preset: str | None = "gpt2-tiny"
     init: str | None = Field(None, description="checkpoint or imported model directory to start from")
+    backend: Literal["native", "hf"] = Field(
+        "native", description="native: our model code (a transformers directory in init is converted, for the "
+        "architectures `llmstack import` maps); hf: any transformers AutoModelForCausalLM trained through its own "
+        "class (init: its directory, or a checkpoint of such a run; the fine-tuning stages only). It lacks packed "
+        "sequences (sft.packing=false), the fused chunked loss, the native decoding step and `llmstack plan`; "
+        "LoRA targets are its module names (q_proj, ...)")
     n_layer: int | None = Field(None, ge=1)
     n_head: int | None = Field(None, ge=1)
     n_kv_head: int | None = Field(None, ge=1)
@@ -284,9 +301,20 @@ class ModelConfig(Strict):
                              f"(its fields: {', '.join(sorted(fam.field_names()))})")
         return self
 
+    @model_validator(mode="after")
+    def _hf_backend(self):
+        if self.backend == "hf":
+            if not self.init:
+                raise ValueError("model.backend=hf trains a transformers model from its directory: set model.init")
+            fields = sorted(k for k, v in self.arch_fields().items() if v is not None)
+            if fields:
+                raise ValueError(f"model.{fields[0]} does not apply to model.backend=hf (the architecture is "
+                                 f"{self.init}'s config.json)")
+        return self
+
     def arch_fields(self) -> dict[str, Any]:
         """The architecture fields that differ from the preset (None = take the preset's)."""
-        skip = {"family", "preset", "init"}
+        skip = {"family", "preset", "init", "backend"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
@@ -317,6 +345,9 @@ class PretrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _eval_tasks_need_a_decoder(self):
+        if self.model.backend != "native":
+            raise ValueError("model.backend=hf is for the fine-tuning stages (sft, rm, dpo, ppo, grpo); pretrain "
+                             "builds native models")
         if self.train.eval_tasks and self.model.family != "gpt":
             raise ValueError(f"train.eval_tasks scores decoder-only gpt models, not model.family={self.model.family}")
         return self
@@ -366,6 +397,7 @@ class FinetuneConfig(StageConfig):
     each adds its data schema and its own options section."""
 
     stage_label: ClassVar[str] = "fine-tuning"  # how the model-family error names the stage
+    other_families: ClassVar[str] = ""  # what else the stage trains, taken from model.init's weights
 
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     train: LoopTrainConfig = Field(default_factory=LoopTrainConfig)
@@ -374,20 +406,30 @@ class FinetuneConfig(StageConfig):
     @model_validator(mode="after")
     def _gpt_only(self):
         if self.model.family != "gpt":
-            raise ValueError(f"model.family={self.model.family}: {self.stage_label} trains decoder-only gpt models")
+            raise ValueError(f"model.family={self.model.family}: {self.stage_label} trains decoder-only gpt models"
+                             f"{self.other_families}")
         return self
 
 
 class SFTConfig(FinetuneConfig):
-    """`llmstack sft`: supervised fine-tuning of a GPT on chat records (full or LoRA)."""
+    """`llmstack sft`: supervised fine-tuning of a GPT (or an imported Gemma) on chat records (full or LoRA)."""
 
     stage_label: ClassVar[str] = "SFT"
+    other_families: ClassVar[str] = (", or the gemma model a model.init holds (an imported Gemma 2/3: the family "
+                                     "comes from its recorded weights, model.family stays gpt)")
 
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="sft"))
     train: TaskEvalTrainConfig = Field(default_factory=TaskEvalTrainConfig)
     data: ChatDataConfig = Field(default_factory=ChatDataConfig)
     sft: SFTOptions = Field(default_factory=SFTOptions)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _hf_backend_rows(self):
+        if self.model.backend == "hf" and self.sft.packing:
+            raise ValueError("sft.packing=true needs model.backend=native: a model.backend=hf row holds one "
+                             "conversation (set sft.packing=false)")
+        return self
 
     @model_validator(mode="after")
     def _lora_not_under_zero3(self):

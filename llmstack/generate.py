@@ -165,8 +165,10 @@ def generate(
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                 generator=generator)
     stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long)
-    if not isinstance(model, (GPT, T5)):
-        raise TypeError(f"generate supports GPT and T5 models, not {type(model).__name__}")
+    from llmstack.models.hf_backend import HFCausalLM, Stepper as HFStepper
+
+    if not isinstance(model, (GPT, T5, HFCausalLM)):
+        raise TypeError(f"generate supports GPT, T5 and model.backend=hf models, not {type(model).__name__}")
     dev = next(model.parameters()).device
     if generator is not None and temperature > 0 and generator.device.type != dev.type:
         raise ValueError(f"the sampling generator is on {generator.device}, the model on {dev}: "
@@ -175,6 +177,8 @@ def generate(
     with decoding_layout():  # CPU: faster weight layouts for one-row products (layers.Linear)
         if isinstance(model, T5):
             stepper = _T5Stepper(model, prompts, max_new_tokens, use_cache)
+        elif isinstance(model, HFCausalLM):  # (its own KV cache: the eager step only)
+            stepper = HFStepper(model, prompts, max_new_tokens, use_cache, pad_id)
         else:
             stepper = _GPTStepper(model, prompts, max_new_tokens, use_cache, pad_id, step)
         tokens, logprobs = _decode(stepper, max_new_tokens, stop, pad_id, opts, with_logprobs, stop_check_every)
@@ -195,7 +199,7 @@ STEPS = {
 def _static_ok(model) -> str | None:
     """Why the static step cannot run this model, or None when it can."""
     if not isinstance(model, GPT):
-        return "the static decoding step is for GPT models (T5 decodes eagerly)"
+        return "the static decoding step is for GPT models (T5 and model.backend=hf decode eagerly)"
     c = model.config
     if c.attn_pattern != "full" or c.pos == "alibi":
         # their masks depend on the query's position, which the model works out from cache.length on the host

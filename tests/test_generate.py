@@ -148,7 +148,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one token"):
         generate(m, [[]], max_new_tokens=2)
     bert = models.build_model("bert", models.build_config("bert", "bert-tiny", V, n_layer=1, d_model=32))
-    with pytest.raises(TypeError, match="GPT and T5"):
+    with pytest.raises(TypeError, match="GPT, T5 and model.backend=hf models, not Bert"):
         generate(bert, [[1]], max_new_tokens=2)
 
 

@@ -193,6 +193,8 @@ COMMANDS: dict[str, How] = {
         r"wrote runs/gpt-tiny/checkpoints/step_2_universal", fill=(("runs/x/", "runs/gpt-tiny/"),)),
     "llmstack pretrain CONFIG train.resume=runs/x/checkpoints/step_N_universal": DRY(LONG, fill=(
         ("CONFIG", "configs/pretrain/gpt-tiny.yaml"), ("runs/x/", "runs/gpt-tiny/"), ("step_N", "step_2"))),
+    "llmstack sft configs/sft/gpt-tiny-demo.yaml model.init=hf/some-olmo2 model.backend=hf tokenizer.path= "
+    "sft.packing=false lora.enabled=true lora.target='[q_proj,v_proj]'": DRY(LONG),
     # SFT
     "llmstack sft configs/sft/gpt-tiny-demo.yaml model.init=runs/gpt-tiny/checkpoints/latest": DRY(LONG),
     "llmstack sft configs/sft/lora.yaml model.init=runs/gpt-tiny/checkpoints/latest lora.r=16 "

@@ -41,6 +41,8 @@ FAMILIES: dict[str, Family] = {
     "t5": Family("t5", configs.T5Config, "llmstack.models.t5:T5", configs.T5_PRESETS, "t5-tiny", "span corruption"),
     "gemma": Family("gemma", configs.GemmaConfig, "llmstack.models.gemma:Gemma", configs.GEMMA_PRESETS, "gemma2-tiny",
                     "causal language modelling"),
+    # any other transformers causal LM, through its own class (model.backend=hf; no presets)
+    "hf": Family("hf", configs.HFConfig, "llmstack.models.hf_backend:HFCausalLM", {}, "", "causal language modelling"),
 }
 
 

@@ -138,21 +138,25 @@ class GPTConfig:
 #   extrapolated high ones, a linear ramp between the beta_fast / beta_slow rotation counts over
 #   the original context; cos/sin scaled by attention_factor (default 0.1 ln(factor) + 1, or the
 #   mscale / mscale_all_dim ratio)
+# - dynamic (dynamic NTK, bloc97 / emozilla): plain rotary within original_max_position_embeddings;
+#   a forward whose sequence length L (longest position + 1) exceeds it rotates with the base
+#   theta * (factor * L / original - (factor - 1))^(hd / (hd - 2)) (layers.dynamic_rotary),
+#   so KV-cached decoding rotates each new token with the frequencies of the length so far. Unlike
+#   transformers, which keeps the largest L of earlier calls until a call within the original
+#   context, each forward stands alone: the same results from a fresh transformers model and as
+#   long as lengths do not shrink between calls (one generate). original_max_position_embeddings is
+#   transformers' max_position_embeddings; an import's max_seq_len is factor x it (hf.py).
 # Each type: (required keys, optional keys).
 ROPE_SCALING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
     "yarn": (("factor", "original_max_position_embeddings"),
              ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
 }
-# Not implemented, with the supported type nearest to each: transformers' `dynamic` recomputes the
-# frequencies from the longest position of each forward call and keeps the largest seen so far,
-# so a token's rotation depends on the batch and on earlier calls (and differs between a
-# KV-cached and a full recomputation): no fixed table reproduces it. `longrope` (Phi-3 128k) picks
-# its short or its long per-frequency factors by the longest position of each call, alike.
-ROPE_SCALING_NEAREST = {"dynamic": "yarn (static NTK-by-parts, the same factor over the original context) or "
-                                   "linear (the same factor)",
-                        "longrope": "yarn (one fixed NTK-by-parts table over original_max_position_embeddings; "
+# Not implemented, with the supported type nearest to each: `longrope` (Phi-3 128k) picks its short
+# or its long per-frequency factors by the longest position of each forward call.
+ROPE_SCALING_NEAREST = {"longrope": "yarn (one fixed NTK-by-parts table over original_max_position_embeddings; "
                                     "longrope switches between a short and a long factor table with the longest "
                                     "position of each forward call)"}
 
@@ -270,6 +274,9 @@ class GemmaConfig:
         if self.hf_model_type not in (None, "gemma2", "gemma3_text"):
             raise ValueError(f"hf_model_type={self.hf_model_type!r} is not one of gemma2, gemma3_text (or null)")
         check_rope_scaling(self.rope_scaling, "rotary")
+        if (self.rope_scaling or {}).get("type") == "dynamic":  # (Gemma's global layers use fixed tables)
+            raise ValueError("rope_scaling type 'dynamic' is not supported for Gemma; the nearest supported: "
+                             "linear (the same factor, as Gemma 3's published configs) or yarn")
 
     def is_local(self, layer: int) -> bool:
         """Whether layer `layer` (from 0) attends within the sliding window."""
@@ -428,3 +435,23 @@ T5_PRESETS: dict[str, dict] = {
     "t5-small": dict(n_layer=8, n_head=6, d_model=512, d_kv=64, d_ff=1024, max_seq_len=512),
     "t5-base": dict(n_layer=12, n_head=12, d_model=768, d_kv=64, d_ff=2048, max_seq_len=512),
 }
+
+
+@dataclass
+class HFConfig:
+    """A transformers causal LM trained through its own class (`model.backend=hf`,
+    models/hf_backend.py): `hf_config` is its config.json; the other fields are read from it, for
+    the accounting (parameters, FLOPs, memory) and the checks (sequence length, vocabulary) that
+    every stage makes of an architecture."""
+
+    hf_config: dict
+    vocab_size: int
+    max_seq_len: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    head_dim: int
+    kv_heads: int
+    tie_embeddings: bool = False
+    source: str = ""  # the directory the architecture was read from
+    activation_checkpointing: bool = False

@@ -6,7 +6,8 @@ Design choices, each a config option rather than a separate class (the pieces li
   linear bias on attention scores), or none
 - attention: multi-head, grouped- or multi-query (n_kv_head < n_head), one fused QKV matmul,
   PyTorch SDPA; a head dim of its own (n_head * d_head may differ from d_model) and per-head
-  q/k norms before rotary (Qwen3); q/k/v bias alone (Qwen2); rope scaling llama3 / linear / yarn;
+  q/k norms before rotary (Qwen3); q/k/v bias alone (Qwen2); rope scaling llama3 / linear / yarn
+  (fixed tables) or dynamic NTK (frequencies from each forward's longest position);
   patterns full causal, sliding window, strided or fixed (sparse transformers) as masks over
   SDPA; packed documents and padding as segment ids (layers.SegmentPlan: never a (B, 1, T, T)
   mask); GQA through SDPA's enable_gqa; attention dropout
@@ -47,12 +48,14 @@ from llmstack.models.layers import (  # noqa: F401 (LMHead and linear_cross_entr
     alibi_slopes,
     apply_rotary,
     attention,
+    dynamic_rotary,
     init_embedding_,
     init_linear_,
     linear_cross_entropy,
     make_norm,
     pattern_mask,
     plan_segments,
+    rotary_frequencies,
     rotary_tables,
     sinusoidal_table,
 )
@@ -151,15 +154,23 @@ class GPT(nn.Module):
         self._fixed_tables: dict = {}
         self.gradient_checkpointing = cfg.activation_checkpointing
 
+    @property
+    def _dynamic_rope(self) -> bool:
+        """Dynamic NTK rope: no fixed table, the frequencies follow each forward's length."""
+        return (self.config.rope_scaling or {}).get("type") == "dynamic"
+
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """This device's fp32 position tables: "rope" (cos, sin), sinusoidal "pe" or ALiBi "alibi"."""
+        """This device's fp32 position tables: "rope" (cos, sin), sinusoidal "pe" or ALiBi "alibi"
+        (dynamic rope: "inv_freq", its frequencies within the original context)."""
         tables = self._fixed_tables.get(str(device))
         if tables is None:
             c, tables = self.config, {}
             # normal tensors even when first made under inference mode (a sampler's generate),
             # so a later training forward may save them for backward
             with torch.autocast(device.type, enabled=False), torch.inference_mode(False), torch.no_grad():
-                if c.pos == "rotary":
+                if c.pos == "rotary" and self._dynamic_rope:
+                    tables["inv_freq"] = rotary_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling, device)[0]
+                elif c.pos == "rotary":
                     tables["rope"] = rotary_tables(c.rotary_dim, c.max_seq_len, c.rope_theta, device=device,
                                                    scaling=c.rope_scaling)
                 elif c.pos == "sinusoidal":
@@ -259,6 +270,14 @@ class GPT(nn.Module):
         elif self.config.pos == "sinusoidal":
             pos = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device)
             x = x + self._tables(x.device)["pe"][pos].to(x.dtype)
+        elif self.config.pos == "rotary" and self._dynamic_rope:
+            # frequencies of this forward's longest position, computed on the device (layers.dynamic_rotary)
+            pos = position_ids if position_ids is not None else torch.arange(T, device=x.device)
+            cos, sin = dynamic_rotary(pos, self._tables(x.device)["inv_freq"], self.config.rope_theta,
+                                      self.config.rope_scaling)  # fp32 (T, hd) or (B, T, hd)
+            if pos.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
         elif self.config.pos == "rotary":
             cos, sin = self._tables(x.device)["rope"]  # fp32 (max_seq_len, hd)
             if position_ids is None:

@@ -422,7 +422,7 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
         rope = _hf_rope(cfg, partial=arch == "phi3")
         shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
-                      hidden_act=act, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                      hidden_act=act, max_position_embeddings=_hf_positions(cfg), rms_norm_eps=cfg.norm_eps,
                       rope_parameters=rope, attention_dropout=cfg.attn_dropout, initializer_range=cfg.init_std,
                       **common)
         window = cfg.attn_window if cfg.attn_pattern == "sliding" else None
@@ -447,7 +447,7 @@ def hf_config(family: str, cfg, *, pad_id: int | None, bos_id: int | None, eos_i
         return tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                                 num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim,
                                 hidden_act=_hf_act(cfg.act, "model.activation"),
-                                max_position_embeddings=cfg.max_seq_len, layer_norm_eps=cfg.norm_eps,
+                                max_position_embeddings=_hf_positions(cfg), layer_norm_eps=cfg.norm_eps,
                                 use_parallel_residual=cfg.parallel_residual, attention_bias=True,
                                 rope_parameters=_hf_rope(cfg, partial=True),
                                 attention_dropout=cfg.attn_dropout, hidden_dropout=cfg.dropout,
@@ -474,8 +474,17 @@ def _hf_rope(cfg: GPTConfig, partial: bool) -> dict:
     """transformers 5's rope_parameters of a rotary GPT (with partial_rotary_factor where the
     architecture reads it)."""
     scaling = dict(cfg.rope_scaling or {})
+    if scaling.get("type") == "dynamic":  # (transformers reads it from max_position_embeddings: _hf_positions)
+        del scaling["original_max_position_embeddings"]
     rope = {"rope_type": scaling.pop("type", "default"), "rope_theta": float(cfg.rope_theta), **scaling}
     return {**rope, "partial_rotary_factor": cfg.rotary_pct} if partial else rope
+
+
+def _hf_positions(cfg: GPTConfig) -> int:
+    """max_position_embeddings of a rotary GPT's export: max_seq_len, or under dynamic NTK the
+    original context (transformers' threshold for it)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling["original_max_position_embeddings"] if scaling.get("type") == "dynamic" else cfg.max_seq_len
 
 
 def native_config(hf: dict, has: Callable[[str], bool], same: Callable[[str, str], bool]) -> tuple[str, str, object]:
@@ -727,7 +736,11 @@ def _gemma_config(mt: str, hf: dict, act: Callable[[str, str], str], tied: bool)
 
 
 def _context(max_len: int, scaling: dict | None) -> int:
-    """max_seq_len of an imported model: max_position_embeddings, or YaRN's implied context."""
+    """max_seq_len of an imported model: max_position_embeddings, or YaRN's implied context, or
+    dynamic NTK's factor x max_position_embeddings (transformers sets no limit; our positions stop
+    at max_seq_len; an export writes max_position_embeddings back as the original context)."""
+    if scaling and scaling["type"] == "dynamic":
+        return max(max_len, int(scaling["factor"] * max_len))
     if scaling and scaling["type"] == "yarn" and max_len <= scaling["original_max_position_embeddings"]:
         # YaRN left at the original context (as Qwen2.5's model cards add it) is meant for factor x that
         # context, transformers' "implicit factor"; our positions stop at max_seq_len, so it grows
@@ -786,7 +799,9 @@ def _rope_from_hf(hf: dict, mt: str, max_len: int) -> tuple[float, dict | None, 
                               f"{', '.join(ROPE_SCALING)})")
     required, optional = ROPE_SCALING[kind]
     scaling = {"type": kind, **{k: rope[k] for k in required + optional if rope.get(k) is not None}}
-    if "original_max_position_embeddings" in required:  # a top-level value wins, as in transformers (Phi-3)
+    if kind == "dynamic":  # transformers' threshold is max_position_embeddings, whatever else the config says
+        scaling["original_max_position_embeddings"] = max_len
+    elif "original_max_position_embeddings" in required:  # a top-level value wins, as in transformers (Phi-3)
         orig = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings", max_len)
         scaling["original_max_position_embeddings"] = int(orig) if float(orig).is_integer() else orig
     if kind == "yarn" and "factor" not in scaling:  # transformers: the context's growth

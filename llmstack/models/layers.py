@@ -137,9 +137,11 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
                        device=None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies (head_dim/2,) fp32, cos/sin scale) of plain or scaled rotary positions.
 
-    `scaling`: None, or {"type": linear | llama3 | yarn, ...} as in configs.ROPE_SCALING, which
-    says what each type does. The arithmetic follows transformers' modeling_rope_utils step by
-    step in fp32, so imported Llama 3.x / Qwen2.5-YaRN models rotate exactly as there.
+    `scaling`: None, or {"type": linear | llama3 | yarn | dynamic, ...} as in configs.ROPE_SCALING,
+    which says what each type does. The arithmetic follows transformers' modeling_rope_utils step by
+    step in fp32, so imported Llama 3.x / Qwen2.5-YaRN models rotate exactly as there. For
+    `dynamic`, these are the frequencies of sequences within the original context; longer ones
+    rotate with `dynamic_rotary`.
     """
     exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponent)  # (hd/2,): theta^(-2i/hd)
@@ -150,6 +152,8 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
     if kind == "linear":  # positions / factor, i.e. every frequency / factor
         return inv_freq / factor, 1.0
     old_ctx = scaling["original_max_position_embeddings"]
+    if kind == "dynamic":
+        return ntk_frequencies(head_dim, theta, factor, old_ctx, old_ctx, device=device), 1.0
     if kind == "llama3":
         lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
         wavelen = 2 * math.pi / inv_freq
@@ -159,7 +163,7 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind != "yarn":
-        raise ValueError(f"unknown rope scaling type {kind!r} (allowed: linear, llama3, yarn)")
+        raise ValueError(f"unknown rope scaling type {kind!r} (allowed: linear, llama3, yarn, dynamic)")
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -195,6 +199,45 @@ def rotary_tables(head_dim: int, max_len: int, theta: float, device=None,
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd): both halves share a frequency
     if attn != 1.0:
         return emb.cos() * attn, emb.sin() * attn
+    return emb.cos(), emb.sin()
+
+
+def ntk_frequencies(head_dim: int, theta: float, factor: float, old_ctx: int, seq_len: int | torch.Tensor,
+                    device=None) -> torch.Tensor:
+    """Dynamic NTK inverse frequencies (head_dim/2,) for a sequence of `seq_len` positions (bloc97 /
+    emozilla; transformers' _compute_dynamic_ntk_parameters): theta grows to
+    theta * (factor * L / old_ctx - (factor - 1))^(hd / (hd - 2)) with L = max(seq_len, old_ctx),
+    so every wave stretches as the sequence outgrows the original context. seq_len is a host int
+    (transformers' initial frequencies, arithmetic in double) or a 0-d integer tensor (its
+    per-forward update, arithmetic in fp32 on that tensor's device; no host sync, so a captured
+    CUDA graph can replay it), step for step as there."""
+    if isinstance(seq_len, torch.Tensor):
+        seq_len = seq_len.clamp(min=old_ctx)  # (a tensor from a Python scalar would copy from the host)
+    else:
+        seq_len = max(seq_len, old_ctx)
+    base = theta * ((factor * seq_len / old_ctx) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (base ** exponent)
+
+
+def dynamic_rotary(pos: torch.Tensor, inv_freq: torch.Tensor, theta: float,
+                   scaling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (pos.shape + (rd,), fp32) of dynamic NTK rope at integer positions `pos` (T,) or (B, T).
+
+    The frequencies follow this call's sequence length L = max(pos) + 1, as transformers' rotary
+    embedding recomputes them in each forward: `inv_freq` ((rd/2,), `rotary_frequencies`' with the
+    dynamic scaling) while L <= original_max_position_embeddings, `ntk_frequencies(L)` beyond it.
+    A KV-cached decoding step thus rotates its new query and key with the frequencies of the
+    current length while the cached keys keep theirs, as there. Stateless: transformers also keeps
+    the longest L seen by earlier calls (until a call within the original context resets it), so
+    it differs after a longer call, and only then.
+    """
+    old_ctx = scaling["original_max_position_embeddings"]
+    seq_len = pos.max() + 1  # 0-d, on pos's device
+    grown = ntk_frequencies(2 * inv_freq.shape[0], theta, scaling["factor"], old_ctx, seq_len, device=pos.device)
+    inv_freq = torch.where(seq_len > old_ctx, grown, inv_freq)
+    freqs = pos[..., None].float() * inv_freq  # (..., T, rd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 

@@ -20,22 +20,25 @@ import torch
 import torch.nn as nn
 
 ADAPTER = "default"
-# short names -> module-name suffixes in our GPT (models/gpt.py, layers.py MLP / GatedMLP)
+# short names -> module-name suffixes in our GPT and Gemma (models/gpt.py, models/gemma.py: the same
+# attn.qkv / attn.proj names; layers.py MLP / GatedMLP)
 ALIASES = {"q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "o": "attn.proj", "up": "mlp.fc",
            "gate": "mlp.fc", "down": "mlp.proj"}
 
 
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Full names of the Linear modules that `targets` select; ValueError naming unmatched ones."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # (a model.backend=hf model: its own Linear and transformers Conv1D layers, llama-style short names)
+    aliases = getattr(model, "lora_aliases", ALIASES)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     chosen: list[str] = []
     for t in targets:
-        suffix = ALIASES.get(t, t)
+        suffix = aliases.get(t, t)
         hits = [n for n in linear if n == suffix or n.endswith("." + suffix)]
         if not hits:
             short = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in linear})
             raise ValueError(f"LoRA target {t!r} matches no linear layer (layers: {', '.join(short)}; "
-                             f"short names: {', '.join(ALIASES)})")
+                             f"short names: {', '.join(aliases)})")
         chosen += [n for n in hits if n not in chosen]
     return chosen
 

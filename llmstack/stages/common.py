@@ -29,6 +29,8 @@ from llmstack.train.run import check_architecture, check_tokenizer
 
 # Starting weights as weights.read_weights gives them: (source, record, fp32 state dict)
 Init = tuple[Path, CheckpointMeta, dict]
+# Rows of an embedding grown for added tokens: a multiple of this (GPU-friendly matmul shapes)
+VOCAB_MULTIPLE = 64
 
 
 def source_texts(sources: list[SourceConfig]):
@@ -103,6 +105,10 @@ def model_flops(arch, cls=None):
     critic has its scalar head instead of the LM head."""
     from llmstack.train.metrics import ModelFlops, matmul_params
 
+    if is_hf_arch(arch):
+        from llmstack.models.hf_backend import model_class
+
+        cls = model_class(cls)
     with torch.device("meta"):
         model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
     head = getattr(model, "lm_head", None)  # a GPT's LM head; a ScalarHeadModel's scalar head
@@ -141,6 +147,11 @@ def build_model(arch, ds_config: dict, zero_stage: int, seed: int, *, cls=None, 
     """The one model builder of every stage: `cls(arch)` (default: the architecture's family
     model; PolicyLM, ScalarHeadModel for RLHF) constructed partitioned under ZeRO-3, initialised
     from `seed` (identical weights for any world size), then loaded from `init` when given."""
+    if is_hf_arch(arch):  # model.backend=hf: the transformers class standing for cls
+        from llmstack.models.hf_backend import import_model_code, model_class
+
+        cls = model_class(cls)
+        import_model_code(arch)
     torch.manual_seed(seed)
     with ds.model_init_context(ds_config, zero_stage):
         model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
@@ -162,23 +173,51 @@ def load_weights(model, init: Init, zero_stage: int, tokenizer_hash: str | None,
 
     src, info, state = init
     scalar_model = isinstance(model, ScalarHeadModel)
-    family = "gpt" if scalar_model else models.family_of_model(model)
+    family = models.family_of_config(model.config) if scalar_model else models.family_of_model(model)
     if info.model_family != family:
         raise UsageError(f"{what}={src} holds a {info.model_family} model; this run trains a {family}")
+    vocab = (model.backbone if scalar_model else model).config.vocab_size
     if tokenizer_hash is not None:
+        src, info, state = fit_vocab(init, vocab, tokenizer_hash)
         check_tokenizer(info.tokenizer_hash, tokenizer_hash, f"{what} {src}")
     # a directory that records no tokenizer (a Hugging Face one) passes the hash check with any
-    vocab = (model.backbone if scalar_model else model).config.vocab_size
     if info.vocab_size is not None and info.vocab_size != vocab:
         raise UsageError(f"{what}={src} embeds {info.vocab_size} tokens, this run's tokenizer has {vocab}: "
                          "set tokenizer.path to the tokenizer of those weights")
     scalar_state = is_scalar_state(state)
     if scalar_model and not scalar_state:
-        ds.load_state_dict_into(model.backbone, backbone_state(state), zero_stage)
+        if is_hf_arch(model.config):
+            from llmstack.models import hf_backend
+
+            state = hf_backend.backbone_state(state, model.config)
+        else:
+            state = backbone_state(state)
+        ds.load_state_dict_into(model.backbone, state, zero_stage)
     elif scalar_state and not scalar_model:
         raise UsageError(f"{what} {src} is a reward model / critic (a scalar head), not a language model")
     else:
         ds.load_state_dict_into(model, state, zero_stage)
+
+
+def fit_vocab(init: Init, vocab_size: int, tokenizer_hash: str) -> Init:
+    """Starting weights made for the tokenizer that `tokenizer_hash` extends (tokens added to it,
+    see added_tokens), as weights of that extension: their embedding and LM head grown to
+    `vocab_size` rows (weights.grow_vocab: new rows are the mean of the old ones) when they have
+    fewer, and the extension's hash recorded. Any other weights are returned unchanged."""
+    src, info, state = init
+    if not tokenization.extends(tokenizer_hash, info.tokenizer_hash):
+        return init
+    if info.vocab_size is not None and info.vocab_size < vocab_size:
+        state = weights.grow_vocab(state, info.vocab_size, vocab_size)
+        info = info.replace(model=grown_arch(info.model, vocab_size))
+    return src, info.replace(tokenizer_hash=tokenizer_hash), state
+
+
+def grown_arch(model: dict, vocab_size: int) -> dict:
+    """A recorded architecture with `vocab_size` tokens (a transformers config it holds too)."""
+    hf_config = model.get("hf_config")
+    return {**model, "vocab_size": vocab_size,
+            **({"hf_config": {**hf_config, "vocab_size": vocab_size}} if isinstance(hf_config, dict) else {})}
 
 
 def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: str) -> Path:
@@ -189,9 +228,43 @@ def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: st
     return init[0]
 
 
-def read_init(init_path: str | None) -> Init | None:
-    """(source, record, fp32 state) of starting weights, or None when training from scratch."""
-    return weights.read_weights(init_path) if init_path else None
+def is_hf_arch(arch) -> bool:
+    """An architecture of the generic backend (model.backend=hf)."""
+    from llmstack.models.configs import HFConfig
+
+    return isinstance(arch, HFConfig)
+
+
+def read_init(init_path: str | None, backend: str = "native") -> Init | None:
+    """(source, record, fp32 state) of starting weights, or None when training from scratch.
+    With backend=hf a transformers directory is read through its own class, unconverted; a
+    checkpoint is read as it was written (its recorded family says which backend trained it)."""
+    if not init_path:
+        return None
+    if backend != "hf":
+        return weights.read_weights(init_path)
+    from llmstack.models import hf_backend
+
+    p = Path(init_path)
+    if not hf_backend.is_hf_dir(p):
+        init = weights.read_weights(p)
+        if init[1].model_family != "hf":
+            raise UsageError(f"model.init={init_path} holds a {init[1].model_family} model of our own code: "
+                             "train it with model.backend=native")
+        return init
+    from dataclasses import asdict
+
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    try:
+        arch = hf_backend.read_arch(p)
+    except ValueError as e:
+        raise UsageError(f"model.init: {e}") from None
+    has_tok = (p / "tokenizer.json").is_file()
+    info = CheckpointMeta(model_family="hf", model=asdict(arch), source=str(p),
+                          tokenizer_path=str(p) if has_tok else None,
+                          tokenizer_hash=tokenizer_hash(p) if has_tok else None)
+    return p, info, hf_backend.read_state(p)
 
 
 def recorded_architecture(path: str) -> tuple[str, dict] | None:
@@ -214,33 +287,86 @@ def recorded_architecture(path: str) -> tuple[str, dict] | None:
 # --- fine-tuning stages (sft, rm, dpo, ppo): a GPT from model.init, its tokenizer ---
 
 
-def finetune_tokenizer(tok: TokenizerConfig, recorded: Init | None):
+def finetune_tokenizer(tok: TokenizerConfig, recorded: Init | None, run_dir: Path | None = None):
     """The tokenizer of a fine-tuning stage: tokenizer.path when set explicitly (not empty), else
     the one recorded with the starting weights or the checkpoint resumed, else tokenizer.path
-    (trained if missing); always checked against the recorded hash."""
+    (trained if missing); always checked against the recorded hash. Given `run_dir`, one without
+    a pad token (tokenizer.add_pad) or lacking tokenizer.add_tokens is replaced by its extended
+    copy in run_dir/tokenizer (`added_tokens`), which a resumed run finds recorded in its checkpoint."""
     if recorded is not None and (not tok.path or "path" not in tok.model_fields_set):
-        return weights.recorded_tokenizer(recorded[1], recorded[0])
-    tokenizer = ensure_tokenizer(tok, [SourceConfig(path="builtin:train")])
-    if recorded is not None:
-        check_tokenizer(recorded[1].tokenizer_hash, tokenizer.hash, recorded[0])
+        return added_tokens(weights.recorded_tokenizer(recorded[1], recorded[0]), tok, run_dir, recorded)
+    base = ensure_tokenizer(tok, [SourceConfig(path="builtin:train")])
+    tokenizer = added_tokens(base, tok, run_dir, recorded)
+    if recorded is not None:  # starting weights of the base tokenizer, or a checkpoint of this extension
+        saved = recorded[1].tokenizer_hash
+        check_tokenizer(saved, tokenizer.hash if saved == tokenizer.hash else base.hash, recorded[0])
     return tokenizer
 
 
-def finetune_arch(model_cfg, recorded: Init | None, vocab_size: int, seq_len: int, activation_checkpointing: bool):
-    """The GPT architecture: recorded with the starting weights (or the checkpoint resumed), or
-    from the config's model fields."""
+def added_tokens(base, tok: TokenizerConfig, run_dir: Path | None, recorded: Init | None):
+    """`base`, or its copy in run_dir/tokenizer with a pad token (tokenizer.add_pad, when it has
+    none) and tokenizer.add_tokens added (data_pipeline/tokenizer.py extend_tokenizer), written by
+    rank 0. The pad is never one of the EOS ids the starting weights record. The model's
+    vocabulary grows to fit (finetune_arch, fit_vocab)."""
+    pad, new = tokenization.tokens_to_add(base, add_pad=tok.add_pad, add_tokens=tok.add_tokens)
+    if run_dir is None or (pad is None and not new):
+        return base
+    out = Path(run_dir) / "tokenizer"
+    # the ids an imported model's config names (EOS may be a list), kept with the copy for the export
+    special = recorded[1].special_ids if recorded is not None else None
+    if not special and (Path(base.path) / weights.INFO).is_file():
+        special = weights.read_info(base.path).special_ids
+    special = special or base.added.get("special_ids")
+    eos = (special or {}).get("eos")
+    avoid = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    with env.rank0_first(f"writing the tokenizer {out}"):
+        if env.is_main():
+            try:
+                tokenization.extend_tokenizer(base, out, add_pad=tok.add_pad, add_tokens=tok.add_tokens,
+                                              avoid_ids=avoid, note={"special_ids": special} if special else None)
+            except ValueError as e:
+                raise UsageError(f"tokenizer.add_pad: {e}; set tokenizer.add_pad=false") from None
+    deadline = time.monotonic() + TOKENIZER_VISIBLE_WAIT_S
+    while not (out / tokenization.ADDED_FILE).is_file():  # another host's new file (a network filesystem)
+        if time.monotonic() > deadline:
+            raise RankError(f"rank {env.rank()} on host {env.hostname()} does not see {out}, which rank 0 wrote: "
+                            "run.dir must be on a filesystem every node shares")
+        time.sleep(1.0)
+    tokenizer = tokenization.load_tokenizer(out)
+    names = [f"{t} (id {i}{', the pad' if t == pad else ''})" for t, i in tokenizer.added["tokens"].items()]
+    if pad is not None and pad not in tokenizer.added["tokens"]:
+        names.append(f"{pad} (id {tokenizer.pad_id}) named the pad")
+    env.print0(f"tokenizer: added {', '.join(names)} to {base.path} -> {out} ({tokenizer.vocab_size} tokens, "
+               f"hash {tokenizer.hash})")
+    return tokenizer
+
+
+def finetune_arch(model_cfg, recorded: Init | None, vocab_size: int, seq_len: int, activation_checkpointing: bool,
+                  families: tuple[str, ...] = ("gpt",), tokenizer_hash: str | None = None):
+    """The decoder's architecture: recorded with the starting weights (or the checkpoint resumed),
+    of one of `families` (SFT also trains an imported Gemma; the other stages GPTs only), or from
+    the config's model fields (a GPT). A recorded vocabulary smaller than the tokenizer's (tokens
+    added to it: tokenizer.add_pad, add_tokens) grows to the tokenizer's size rounded up to a
+    multiple of VOCAB_MULTIPLE; spare rows are used as they are. Given `tokenizer_hash`, only a
+    tokenizer extending the recorded one may be larger (else load_weights refuses the weights)."""
     if recorded is None:
         arch = model_config(model_cfg, vocab_size, seq_len, activation_checkpointing)
     else:
         src, info = recorded[0], recorded[1]
-        if info.model_family != "gpt":
-            raise UsageError(f"{src} holds a {info.model_family} model; fine-tuning stages train GPT models")
+        family = info.model_family
+        if family not in families and family != "hf":  # (hf: any transformers causal LM, model.backend=hf)
+            also = " (`llmstack sft` also fine-tunes gemma models)" if family == "gemma" else ""
+            raise UsageError(f"{src} holds a {family} model; this stage trains {' or '.join(families)} models{also}")
         try:
-            arch = models.config_from_dict("gpt", dict(info.model, activation_checkpointing=activation_checkpointing))
+            arch = models.config_from_dict(family, dict(info.model, activation_checkpointing=activation_checkpointing))
         except (KeyError, ValueError, TypeError) as e:
             raise UsageError(f"{src}: bad recorded architecture: {e}") from None
-        if arch.vocab_size < vocab_size:
-            raise UsageError(f"{src} has a vocabulary of {arch.vocab_size}, the tokenizer {vocab_size}")
+        if arch.vocab_size < vocab_size:  # more rows for tokens added to the weights' tokenizer (fit_vocab)
+            if tokenizer_hash is not None and not tokenization.extends(tokenizer_hash, info.tokenizer_hash):
+                raise UsageError(f"{src} has a vocabulary of {arch.vocab_size}, the tokenizer {vocab_size}")
+            grown = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+            arch = models.config_from_dict(family, dict(grown_arch(info.model, grown),
+                                                        activation_checkpointing=activation_checkpointing))
     if arch.max_seq_len < seq_len:
         raise UsageError(f"sequences of {seq_len} tokens exceed the model's max_seq_len={arch.max_seq_len}")
     return arch
@@ -256,7 +382,10 @@ def check_resume_model(model_cfg, saved: CheckpointMeta, arch_now, where) -> Non
         return
     recorded = recorded_architecture(model_cfg.init)
     if recorded is not None:
-        check_architecture(saved, recorded[0], recorded[1], where)
+        family, arch = recorded
+        if tokenization.extends(saved.tokenizer_hash, None) and (saved.vocab_size or 0) > arch.get("vocab_size", 0):
+            arch = {**arch, "vocab_size": saved.vocab_size}  # grown for the tokens the run added (finetune_arch)
+        check_architecture(saved, family, arch, where)
         return
     was = saved.config_value("model", "init")
     if was is not None and was != model_cfg.init:
@@ -265,17 +394,20 @@ def check_resume_model(model_cfg, saved: CheckpointMeta, arch_now, where) -> Non
                          "(another run.dir, or train.resume=none)")
 
 
-def finetune_start(run, cfg, *, seq_len: int, model_cfg=None) -> tuple[object, object, Init | None]:
+def finetune_start(run, cfg, *, seq_len: int, model_cfg=None,
+                   families: tuple[str, ...] = ("gpt",)) -> tuple[object, object, Init | None]:
     """(tokenizer, architecture, starting weights) of a fine-tuning stage's model. A fresh run
     takes them from model.init (or the config's fields and tokenizer); a resumed one from the
     checkpoint, after checking that model.init still names the model it trained. The weights
     are read only for a fresh run."""
     model_cfg = model_cfg or cfg.model
     resuming = run.saved is not None
-    init = read_init(model_cfg.init) if not resuming else None
+    init = read_init(model_cfg.init, getattr(model_cfg, "backend", "native")) if not resuming else None
     recorded = (run.resume_from, run.saved, None) if resuming else init
-    tokenizer = finetune_tokenizer(cfg.tokenizer, recorded)  # checked against the resumed checkpoint's hash
-    arch = finetune_arch(model_cfg, recorded, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing)
+    tokenizer = finetune_tokenizer(cfg.tokenizer, recorded, run.dir)  # checked against the resumed checkpoint's hash
+    arch = finetune_arch(model_cfg, recorded, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing,
+                         families, tokenizer.hash)
+    init = fit_vocab(init, arch.vocab_size, tokenizer.hash) if init is not None else None
     if resuming:
         planned = model_config(model_cfg, tokenizer.vocab_size, seq_len, cfg.train.activation_checkpointing) \
             if model_cfg.init is None else None

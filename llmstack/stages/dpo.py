@@ -144,7 +144,7 @@ class Reference:
 def make_reference(cfg: DPOConfig, run, arch, init, tokenizer, train_pairs, val_pairs) -> Reference:
     """The frozen starting point (model.init, or the same seeded initialisation); with
     dpo.reference=precompute, its log-probs of every pair, and the model dropped."""
-    init = init or common.read_init(cfg.model.init)  # a resumed run reads the starting weights again
+    init = init or common.read_init(cfg.model.init, cfg.model.backend)  # a resumed run reads the starting weights again
     model = ds.create_inference_engine(common.build_model(
         arch, run.ds_config, cfg.zero.stage, cfg.seed, cls=PolicyLM, init=init, tokenizer_hash=tokenizer.hash),
         run.ds_config)

@@ -73,8 +73,12 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
     info = _peek_info(checkpoint)
     if info is not None:  # refuse an architecture without HF counterpart before loading any weight
         family, cfg = weights.architecture(info, checkpoint)
+        if info.head == "scalar":
+            raise UsageError(f"cannot export {checkpoint}: it is a reward model / critic (a scalar head), "
+                             "not a causal language model")
         try:
-            hf.target(family, cfg)
+            if family != "hf":  # (model.backend=hf: written back through its own class)
+                hf.target(family, cfg)
         except hf.ConversionError as e:
             raise UsageError(f"cannot export {checkpoint}: {e}") from None
     src, info, state = weights.read_weights(checkpoint)
@@ -84,9 +88,12 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
         try:
             ids = special_ids(tok, info)
             eos = ids["eos"][0] if len(ids["eos"]) == 1 else (ids["eos"] or None)
-            hf.save_pretrained(family, cfg, state, tmp, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=eos,
-                               max_shard_bytes=hf.parse_size(max_shard_size),
-                               dtype=None if dtype == "fp32" else DTYPES[dtype])
+            if family == "hf":
+                _save_hf_backend(cfg, state, tmp, DTYPES[dtype], hf.parse_size(max_shard_size))
+            else:
+                hf.save_pretrained(family, cfg, state, tmp, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=eos,
+                                   max_shard_bytes=hf.parse_size(max_shard_size),
+                                   dtype=None if dtype == "fp32" else DTYPES[dtype])
         except hf.ConversionError as e:
             raise UsageError(f"cannot export {checkpoint}: {e}") from None
         except ValueError as e:  # a bad --max-shard-size
@@ -96,19 +103,34 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
     return Path(out)
 
 
+def _save_hf_backend(cfg, state: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """A model.backend=hf causal LM written back through its transformers class: its config.json
+    (special ids included) as it came, and the generation_config.json of the directory it was
+    trained from (an EOS list, sampling defaults) when that has one."""
+    from llmstack.models import hf_backend
+
+    hf_backend.save_pretrained(cfg, state, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    src = Path(cfg.source) / "generation_config.json" if cfg.source else None
+    if src is not None and src.is_file():
+        shutil.copy2(src, out / "generation_config.json")
+
+
 def special_ids(tok, info: CheckpointMeta) -> dict:
     """{"pad": id | None, "bos": id | None, "eos": [ids]} of a model: the tokenizer's own, and the
     ids an imported model's config.json / generation_config.json name (recorded at import, also
     in the imported directory a fine-tuned checkpoint's tokenizer comes from). EOS may be several
     (Llama 3 Instruct stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>); the recorded list
-    keeps its order, the tokenizer's EOS is added if it is not in it."""
+    keeps its order, the tokenizer's EOS is added if it is not in it. A fine-tuning run's
+    tokenizer with added tokens (tokenizer.add_pad, add_tokens) names its new pad; the ids of its
+    base are recorded with it."""
     recorded = info.special_ids
     if not recorded and tok.path and (Path(tok.path) / weights.INFO).is_file():
         try:
             recorded = weights.read_info(tok.path).special_ids
         except UsageError:
             recorded = None
-    recorded = recorded or {}
+    # a run's extended copy (tokenizer.add_pad, add_tokens) keeps the ids its base recorded
+    recorded = recorded or getattr(tok, "added", {}).get("special_ids") or {}
 
     def one(name: str, own: int | None) -> int | None:
         v = recorded.get(name)

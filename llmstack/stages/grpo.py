@@ -65,7 +65,7 @@ class GRPOModels:
             what="actor.init"), t, actor_ds, lr=self.lr)
         self.reference = None
         if cfg.grpo.kl_coef > 0:  # the starting weights, frozen
-            init = init or common.read_init(cfg.actor.init)
+            init = init or common.read_init(cfg.actor.init, cfg.actor.backend)
             ref_ds = run.engine_config(train_run.ds_config_for(cfg, run.world, cfg.reference.zero,
                                                                micro_batch=t.micro_batch, grad_accum=1)[0])
             self.reference = ds.create_inference_engine(common.build_model(

@@ -79,6 +79,10 @@ def decoding_copy(arch, actor: torch.nn.Module, device) -> PolicyLM:
     bf16 copy (half an fp32 one) that holds the very weights the training forward uses. Built on
     the meta device and allocated in that dtype: no fp32 instance exists even briefly."""
     dtype = next(actor.parameters()).dtype  # (a partitioned ZeRO-3 parameter keeps its dtype)
+    from llmstack.models.hf_backend import HFPolicyLM
+
+    if isinstance(actor, HFPolicyLM):  # built for real: its buffers (rotary frequencies) are computed at init
+        return HFPolicyLM(actor.config).to(device=device, dtype=dtype).eval().requires_grad_(False)
     with torch.device("meta"):
         model = PolicyLM(arch).to(dtype)
     places: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # where each parameter is registered

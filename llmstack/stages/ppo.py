@@ -90,8 +90,8 @@ class PPOModels:
         tok, self.actor_arch, actor_init = common.finetune_start(run, cfg, seq_len=seq_len, model_cfg=cfg.actor)
         self.tokenizer = tok
         self.end_ids, self.pad = chat_stops(tok)
-        actor_init = actor_init or common.read_init(cfg.actor.init)  # the reference's weights, resumed or not
-        critic_init = common.read_init(cfg.critic.init) if cfg.critic.init else actor_init
+        actor_init = actor_init or common.read_init(cfg.actor.init, cfg.actor.backend)  # the reference's weights, resumed or not
+        critic_init = common.read_init(cfg.critic.init, cfg.critic.backend) if cfg.critic.init else actor_init
         self.critic_arch = common.finetune_arch(cfg.critic, critic_init, tok.vocab_size, seq_len, ckpting)
         self.actor_lr, self.critic_lr = cfg.actor.lr or t.lr, cfg.critic.lr or t.lr
         accum = t.grad_accum

@@ -1,4 +1,5 @@
-"""`llmstack sft`: supervised fine-tuning of a GPT on chat records, full or LoRA, under ZeRO.
+"""`llmstack sft`: supervised fine-tuning of a GPT (or an imported Gemma) on chat records, full or
+LoRA, under ZeRO.
 
 The recipe: run -> tokenizer and architecture (model.init's, or the resumed checkpoint's) ->
 conversations (data_pipeline/chat_batches.py: the global row order, the same for any world size)
@@ -22,6 +23,7 @@ from data_pipeline.objectives import IGNORE
 from llmstack.config import SFTConfig
 from llmstack.distributed import env
 from llmstack.errors import UsageError
+from llmstack import models
 from llmstack.models import lora as lora_lib
 from llmstack.stages import common
 from llmstack.train import run as train_run
@@ -30,6 +32,9 @@ from llmstack.train.metrics import mfu_fields
 from llmstack.train.trainer import Callback, Checkpointer, CheckpointPart, MicroBatches, Trainer
 
 MODEL_INPUTS = ("position_ids", "segment_ids")
+# the decoder families SFT trains: llmstack's GPT (Llama, Qwen2, Phi-3, ... import as one) and an
+# imported Gemma 2/3, its family taken from model.init's recorded weights
+FAMILIES = ("gpt", "gemma")
 dry_run = train_run.dry_run
 
 
@@ -129,7 +134,11 @@ def run(cfg: SFTConfig) -> dict:
     """Fine-tune as `cfg` says; returns a summary (validation loss before/after, steps, tokens)."""
     run, t, s = train_run.start(cfg), cfg.train, cfg.sft
     tasks = task_eval.start(t)  # train.eval_tasks loaded once: a bad task exits 2 before any heavy work
-    tokenizer, arch, init = common.finetune_start(run, cfg, seq_len=cfg.data.seq_len)
+    tokenizer, arch, init = common.finetune_start(run, cfg, seq_len=cfg.data.seq_len, families=FAMILIES)
+    if tasks is not None and models.family_of_config(arch) != "gpt":  # (task_eval's runners read a GPT)
+        what = "a model.backend=hf" if models.family_of_config(arch) == "hf" else "a gemma"
+        raise UsageError(f"train.eval_tasks scores gpt models, this run trains {what} model: evaluate its "
+                         "checkpoints with llmstack-eval instead (export it first for model.backend=hf)")
     if tasks is not None:  # every prompt fits the model (else exit 2 now, not at the first evaluation)
         tasks.check(tokenizer, arch, seq_len=cfg.data.seq_len, bos=False,  # no data.bos here
                     batch_size=t.micro_batch)

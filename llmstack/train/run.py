@@ -86,9 +86,13 @@ class Run:
         if family is not None:
             check_architecture(self.saved, family, arch, self.resume_from)
 
-    def meta(self, step: int, tokens: int, *, tokenizer, arch, zero_stage: int, family: str = "gpt",
+    def meta(self, step: int, tokens: int, *, tokenizer, arch, zero_stage: int, family: str | None = None,
              **extra) -> CheckpointMeta:
-        """The record of a checkpoint this run writes at `step`."""
+        """The record of a checkpoint this run writes at `step` (family: the architecture's by default)."""
+        if family is None:
+            from llmstack import models
+
+            family = models.family_of_config(arch)
         return CheckpointMeta(step=step, tokens=tokens, world_size=self.world, zero_stage=zero_stage,
                               precision=self.cfg.precision, tokenizer_hash=tokenizer.hash,
                               tokenizer_path=str(tokenizer.path), model_family=family, model=dict(vars(arch)),

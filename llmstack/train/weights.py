@@ -119,6 +119,24 @@ def read_weights(path: str | Path) -> tuple[Path, CheckpointMeta, dict[str, torc
     return src, meta, merge_adapters(ds.consolidated_state_dict(src), meta, src)
 
 
+# State-dict entries with one row per token (under "backbone." in a reward model or critic;
+# embed_tokens: a transformers model's own names)
+VOCAB_ROWS = ("wte.weight", "lm_head.weight", "embed_tokens.weight")
+
+
+def grow_vocab(state: dict[str, torch.Tensor], old: int, new: int) -> dict[str, torch.Tensor]:
+    """`state` with its token embedding and LM head (tied or not) grown from `old` to `new` rows,
+    for tokens added to its tokenizer. Each new row is the mean of the existing rows, so an added
+    token starts as an average token (its logit is about the mean logit, not a random spike that a
+    random row can give); the existing rows are unchanged."""
+    out = dict(state)
+    for k, v in state.items():
+        if any(k == n or k.endswith("." + n) for n in VOCAB_ROWS) and v.dim() == 2 and v.shape[0] == old < new:
+            mean = v.float().mean(0, keepdim=True).to(v.dtype)
+            out[k] = torch.cat([v, mean.expand(new - old, -1)])
+    return out
+
+
 def merge_adapters(state: dict[str, torch.Tensor], meta: CheckpointMeta, ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The plain model's state dict: LoRA adapters of an `llmstack sft` checkpoint merged in.
 

@@ -1,6 +1,6 @@
 """Open-weight models imported from their published configs: Llama 3.2 (llama3 rope scaling), a
-Llama 2 long-context fine-tune (linear scaling), Qwen2.5 with YaRN (q/k/v biases without an output
-bias, tied head), Mistral 7B v0.1 (sliding-window attention), Qwen3 (per-head q/k RMSNorm, a
+Llama 2 long-context fine-tune (linear scaling), a Llama 2 run with dynamic NTK scaling, Qwen2.5
+with YaRN (q/k/v biases without an output bias, tied head), Mistral 7B v0.1 (sliding-window attention), Qwen3 (per-head q/k RMSNorm, a
 head_dim of its own), Phi-3-mini-4k (fused qkv_proj / gate_up_proj, a sliding window) and Pythia
 (GPT-NeoX: parallel residual, partial rotary, per-head fused qkv, LayerNorm with biases, untied head).
 
@@ -16,7 +16,9 @@ a 96-token batch reaches well beyond them. Every architectural key is kept, in t
 - export: HF -> native -> HF gives back every tensor bit for bit, the same architecture and rope
   parameters; native -> HF -> native the same config and state;
 - greedy generation (KV cache, left-padded prompts) equals transformers' token for token;
-- what has no native counterpart (dynamic rope, Phi-3's longrope, mixed local/global Qwen2 layers, ...) is refused
+- dynamic NTK rope follows each forward's length as transformers' does (from a fresh model: it
+  also keeps the longest length of earlier calls, which ours does not);
+- what has no native counterpart (Phi-3's longrope, mixed local/global Qwen2 layers, ...) is refused
   by `llmstack import` with exit 2 and one line naming the feature and the nearest supported one.
 """
 
@@ -33,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from llmstack import models
 from llmstack.generate import generate
 from llmstack.models import hf
+from llmstack.models.configs import GemmaConfig
+from llmstack.models.layers import dynamic_rotary
 from tests.models.hf_parity import V, hf_greedy, import_native, logit_diff, padded_batch, write_published
 
 IDS = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, initializer_range=0.02, attention_dropout=0.0)
@@ -52,6 +56,10 @@ LLAMA_2_LINEAR = dict(IDS, model_type="llama", architectures=["LlamaForCausalLM"
                       hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
                       rope_scaling={"factor": 4.0, "type": "linear"}, tie_word_embeddings=False,
                       attention_bias=False, mlp_bias=False, pretraining_tp=1)
+# upstage/Llama-2-70b-instruct-v2 (Llama 2 run with dynamic NTK, factor 2, for 10k+ tokens): widths as
+# above, context 4096 -> 48, so the 40-token prompts start within it and generation goes beyond it
+# (a first pass within it also resets what transformers' rope kept from the earlier 96-token calls)
+LLAMA_2_DYNAMIC = dict(LLAMA_2_LINEAR, max_position_embeddings=48, rope_scaling={"factor": 2.0, "type": "dynamic"})
 # Qwen/Qwen2.5-0.5B-Instruct plus the YaRN block its model card adds for long inputs: 24 -> 2
 # layers, 14 heads of 64 -> 7 of 16 (GQA 7:1), context 32768 -> 64 (max_position_embeddings left
 # at the original, as there: the model runs to factor x 64 = 256).
@@ -92,6 +100,7 @@ PYTHIA = dict(IDS, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], 
 CASES = [
     ("llama-3.2-llama3", LLAMA_3_2, 32, "LlamaForCausalLM", [dict(rope_scaling=None)]),
     ("llama-2-linear", LLAMA_2_LINEAR, 32, "LlamaForCausalLM", [dict(rope_scaling=None)]),
+    ("llama-2-dynamic", LLAMA_2_DYNAMIC, 48, "LlamaForCausalLM", [dict(rope_scaling=None)]),
     ("qwen2.5-yarn", QWEN_2_5, 64, "Qwen2ForCausalLM", [dict(rope_scaling=None)]),
     ("mistral-7b-sliding", MISTRAL_7B, 16, "MistralForCausalLM", [dict(attn_pattern="full", attn_window=0)]),
     ("qwen3-0.6b", QWEN_3, 0, "Qwen3ForCausalLM", [dict(qk_norm=False)]),
@@ -134,6 +143,9 @@ def test_import_reads_the_published_config(imported):
         assert cfg.rope_scaling == {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 32}
         assert (cfg.rope_theta, cfg.max_seq_len, cfg.tie_embeddings) == (500000.0, 512, True)
+    elif name.startswith("llama-2-dynamic"):  # (factor x the original context: 96 positions)
+        assert cfg.rope_scaling == {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 48}
+        assert cfg.max_seq_len == 96
     elif name.startswith("llama-2"):
         assert cfg.rope_scaling == {"type": "linear", "factor": 4.0}
     elif name.startswith("qwen2.5"):
@@ -191,6 +203,45 @@ def test_greedy_generation_equals_transformers(imported):
     assert all(len(set(row[-20:])) > 3 for row in got), "continuations should vary (a meaningful check)"
 
 
+def test_dynamic_rope_follows_each_forwards_length(tmp_path):
+    """Dynamic NTK's frequencies come from each forward's longest position: batches of 40 (within
+    the original 48), 64 and 96 positions each equal a fresh transformers model; the static decoding
+    step (positions on the device, no host sync) gives transformers' tokens too. After a 96-token
+    call transformers keeps that length's frequencies for a 64-token batch, ours do not: the
+    frequencies of 64 and of 96 positions differ by far more than the tolerance."""
+    d = tmp_path / "hf"
+    write_published(d, LLAMA_2_DYNAMIC, seed=6)
+    _, _, ours = import_native(d)
+    ids, mask = padded_batch(seed=7)
+
+    def theirs():
+        return tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+    for n in (40, 64, 96):
+        assert logit_diff(ours, theirs(), ids[:, :n], mask[:, :n]) < 1e-4, n
+    seen_96 = theirs()
+    logit_diff(ours, seen_96, ids, mask)
+    assert logit_diff(ours, seen_96, ids[:, :64], mask[:, :64]) > 1e-2
+    got = generate(ours, PROMPTS, max_new_tokens=NEW_TOKENS, step="static")
+    assert got == generate(ours, PROMPTS, max_new_tokens=NEW_TOKENS, step="eager")
+    assert got == hf_greedy(theirs(), PROMPTS, NEW_TOKENS)
+
+    # no host sync (what a CUDA graph needs): one fullgraph trace serves a decoding step's positions
+    # within and beyond the original context, as the eager function does
+    from torch._dynamo.testing import CompileCounter
+
+    counter, cfg = CompileCounter(), ours.config
+    torch._dynamo.reset()
+    traced = torch.compile(dynamic_rotary, backend=counter, fullgraph=True, dynamic=False)
+    inv_freq = ours._tables(torch.device("cpu"))["inv_freq"]
+    for longest in (30, 47, 48, 70):
+        pos = torch.tensor([[longest - 9], [longest]])  # (B, 1): one new token per row
+        want = dynamic_rotary(pos, inv_freq, cfg.rope_theta, cfg.rope_scaling)
+        got = traced(pos, inv_freq, cfg.rope_theta, cfg.rope_scaling)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), longest
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("extra", [
     dict(beta_fast=16, beta_slow=2, mscale=1.0, mscale_all_dim=0.5, truncate=False),  # DeepSeek-V3 / gpt-oss keys
     dict(attention_factor=1.25),
@@ -206,7 +257,6 @@ def test_yarn_options_match_transformers(extra, tmp_path):
 # --- refusals -----------------------------------------------------------------------------------
 
 REFUSED = [
-    ("dynamic-rope", dict(LLAMA_2_LINEAR, rope_scaling={"factor": 2.0, "type": "dynamic"}), ["'dynamic'", "yarn"]),
     ("longrope", dict(LLAMA_2_LINEAR, rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
                                                      "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}),
      ["'longrope'", "nearest supported: yarn"]),
@@ -263,7 +313,8 @@ def test_export_refuses_native_configs_without_an_hf_counterpart(overrides, word
 
 
 @pytest.mark.parametrize("scaling,words", [
-    ({"type": "dynamic", "factor": 2.0}, "nearest supported: yarn"),
+    ({"type": "dynamic", "factor": 2.0}, "needs original_max_position_embeddings"),
+    ({"type": "longrope", "factor": 2.0}, "nearest supported: yarn"),
     ({"type": "llama3", "factor": 8.0}, "needs high_freq_factor"),
     ({"type": "linear", "factor": 2.0, "beta_fast": 4}, "unknown key(s) beta_fast"),
     ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
@@ -274,6 +325,12 @@ def test_rope_scaling_is_validated_with_clear_errors(scaling, words):
         models.build_config("gpt", "llama-tiny", V, rope_scaling=scaling)
     with pytest.raises(ValueError, match="pos=rotary"):
         models.build_config("gpt", "gpt2-tiny", V, rope_scaling={"type": "linear", "factor": 2.0})
+
+
+def test_gemma_refuses_dynamic_rope():
+    """Gemma's global layers rotate with fixed tables: dynamic NTK is refused there, naming the nearest."""
+    with pytest.raises(ValueError, match="'dynamic' is not supported for Gemma; the nearest supported: linear"):
+        GemmaConfig(vocab_size=V, rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32})
 
 
 # --- variants of the new architectures ------------------------------------------------------------
@@ -292,6 +349,10 @@ VARIANTS = [
     # partial rotary under YaRN: the ramp is computed over the rotated dims only (as transformers)
     ("pythia-yarn", dict(PYTHIA, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
      dict(rotary_pct=0.25, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+    # partial rotary under dynamic NTK: the base grows with the rotated dims' exponent (as transformers)
+    ("pythia-dynamic", dict(PYTHIA, max_position_embeddings=48, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     dict(rotary_pct=0.25, max_seq_len=96,
+          rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 48})),
 ]
 
 
