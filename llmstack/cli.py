@@ -37,8 +37,8 @@ HF_BACKEND_HELP = ("A transformers model that `llmstack import` does not map tra
                    "model.backend=hf (actor.backend / critic.backend for ppo and grpo; init: its directory, or a "
                    "checkpoint of such a run) under the same DeepSpeed engine, ZeRO stages and precision. It lacks "
                    "packed sequences (sft.packing=false), the fused chunked loss (the logits are formed), the "
-                   "native decoding step (rollouts use the model's own KV cache) and `llmstack plan`; export it to "
-                   "evaluate it. LoRA targets are its module names (q_proj, ...; q k v o up gate down as *_proj).")
+                   "native decoding step (rollouts and `llmstack generate` use the model's own KV cache), `llmstack "
+                   "plan` and `llmstack-eval` (export it and use lm-evaluation-harness). LoRA targets are its module names (q_proj, ...; q k v o up gate down as *_proj).")
 
 VERSION = f"llmstack {__version__}"  # what `llmstack --version` and `llmstack-eval --version` print
 

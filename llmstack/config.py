@@ -233,7 +233,8 @@ class ModelConfig(Strict):
         "native", description="native: our model code (a transformers directory in init is converted, for the "
         "architectures `llmstack import` maps); hf: any transformers AutoModelForCausalLM trained through its own "
         "class (init: its directory, or a checkpoint of such a run; the fine-tuning stages only). It lacks packed "
-        "sequences (sft.packing=false), the fused chunked loss, the native decoding step and `llmstack plan`; "
+        "sequences (sft.packing=false), the fused chunked loss, the native decoding step, `llmstack plan` and "
+        "llmstack-eval; "
         "LoRA targets are its module names (q_proj, ...)")
     n_layer: int | None = Field(None, ge=1)
     n_head: int | None = Field(None, ge=1)

@@ -19,10 +19,10 @@ What it lacks against the native families (also said in `--help` and the README)
 - packed sequences: a row holds one sequence (sft.packing=false);
 - the fused, chunked LM-head loss and log-probs: the (B, T, V) logits are formed, in fp32 for the
   loss;
-- our decoding step (static shapes, CUDA graphs): rollouts and `generate` decode through the
-  model's own KV cache (transformers' DynamicCache), with our sampler;
-- `llmstack plan`'s memory estimate, and eval / generate / import of the checkpoint directly
-  (export it, then use the transformers directory).
+- our decoding step (static shapes, CUDA graphs): rollouts and `llmstack generate` decode through
+  the model's own KV cache (transformers' DynamicCache), with our sampler;
+- `llmstack plan`'s memory estimate, and `llmstack-eval` (its scorer passes the native families'
+  (B, 1, T, S) masks): evaluate the export with lm-evaluation-harness' HF backend.
 LoRA goes through peft on the model's own module names (`lora.target=[q_proj,v_proj]`; the short
 names q k v o up gate down select the llama-style *_proj projections).
 """
@@ -43,8 +43,6 @@ from llmstack.models.heads import ScalarHeadModel
 PREFIX = "hf."  # the transformers model's parameters in our state dicts
 LORA_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj", "gate": "gate_proj",
                 "down": "down_proj"}
-LACKS = ("packed sequences (sft.packing=false), the fused chunked LM-head loss, the native decoding step (static "
-         "shapes, CUDA graphs) and `llmstack plan`")
 # config.json keys that are not architecture: left out of the recorded one
 _NOT_ARCH = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash")
 

@@ -24,7 +24,7 @@ from llmstack.generate import check_vocab, generate, place_model, resolve_placem
 from llmstack.stages.export import special_ids
 from llmstack.train.weights import load_for_inference
 
-DECODERS = ("gpt", "gemma")  # decoder-only families: prompts are continued as they are
+DECODERS = ("gpt", "gemma", "hf")  # decoder-only families (hf: model.backend=hf checkpoints): prompts are continued
 
 
 def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
@@ -114,7 +114,7 @@ def run(model_path: str, prompts: list[str], *, max_new_tokens: int = 64, temper
     chat_stops = []
     if chat:
         if family not in DECODERS:
-            raise UsageError("--chat needs a decoder-only (gpt, gemma) chat model")
+            raise UsageError("--chat needs a decoder-only (gpt, gemma, model.backend=hf) chat model")
         head = [{"role": "system", "content": system}] if system else []
         ids, chat_stops = chat_prompts(tok, [[*head, {"role": "user", "content": c}] for c in chat])
         prompts = list(chat)

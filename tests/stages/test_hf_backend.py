@@ -6,7 +6,8 @@ attention and MLP) trained through its own class.
   batch; a bf16 cast keeps the rotary frequencies fp32; packed rows are refused;
 - `llmstack sft` LoRA (peft on its q_proj / v_proj) with the model's own ChatML template trains on
   exactly transformers' assistant-mask tokens; the export loads in transformers with the logits of
-  our checkpoint and renders the model's chat format;
+  our checkpoint and renders the model's chat format; `generate --chat` on the checkpoint answers as
+  transformers does from the export;
 - full SFT under ZeRO-3 in bf16 with activation checkpointing on two processes, resumed;
 - RM, DPO and PPO start from the transformers directory;
 - bad configurations exit 2 with the key named.
@@ -171,6 +172,16 @@ def test_lora_sft_export_loads_in_transformers(model_dir, tmp_path):
     assert (b - base)[valid].abs().max() > 1e-3  # the adapters were merged in: not the starting weights
     exported_tok = tf.AutoTokenizer.from_pretrained(str(export))
     assert exported_tok.apply_chat_template(CONVS[0], tokenize=False) == hf.apply_chat_template(CONVS[0], tokenize=False)
+    # `llmstack generate --chat` on the checkpoint answers as transformers' greedy generate on the export
+    proc = run_cmd(llmstack_cmd(["generate", str(run_dir / "checkpoints" / "latest"), "--chat", "Pack my box?",
+                                 "--max-new-tokens", "12", "--temperature", "0"], 1, "python"), cwd=tmp_path)
+    prompt = exported_tok.apply_chat_template([{"role": "user", "content": "Pack my box?"}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    new = loaded.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    end = exported_tok.convert_tokens_to_ids("<|im_end|>")
+    new = new[:new.index(end)] if end in new else new
+    assert new  # (an answer, not an immediate end of turn)
+    assert proc.stdout.split("\n", 1)[1].rstrip("\n") == exported_tok.decode(new)
 
 
 @pytest.mark.slow
