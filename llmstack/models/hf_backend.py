@@ -321,9 +321,10 @@ def export_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(cfg: HFConfig, state: dict[str, torch.Tensor], out_dir, dtype: torch.dtype = torch.float32,
-                    max_shard_bytes: int = 5 << 30) -> None:
+                    max_shard_bytes: int = 5 << 30, pad_id: int | None = None) -> None:
     """Write the causal LM as a transformers directory (config.json, safetensors) through its own
-    class, so transformers reads it back as it wrote it."""
+    class, so transformers reads it back as it wrote it; `pad_id` (a pad token the run added) goes
+    into config.json when it names none."""
     model = HFCausalLM(cfg)
     missing, unexpected = model.hf.load_state_dict(export_state(state), strict=False)
     head = model.hf.get_output_embeddings()
@@ -333,6 +334,10 @@ def save_pretrained(cfg: HFConfig, state: dict[str, torch.Tensor], out_dir, dtyp
                          f"unexpected {sorted(unexpected)[:3]}")
     model.hf.to(dtype)
     model.hf.config.use_cache = True
+    if pad_id is not None and getattr(model.hf.config, "pad_token_id", None) is None:
+        model.hf.config.pad_token_id = pad_id
+        if model.hf.generation_config is not None:
+            model.hf.generation_config.pad_token_id = pad_id
     model.hf.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)
 
 

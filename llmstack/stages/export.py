@@ -89,7 +89,7 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
             ids = special_ids(tok, info)
             eos = ids["eos"][0] if len(ids["eos"]) == 1 else (ids["eos"] or None)
             if family == "hf":
-                _save_hf_backend(cfg, state, tmp, DTYPES[dtype], hf.parse_size(max_shard_size))
+                _save_hf_backend(cfg, state, tmp, DTYPES[dtype], hf.parse_size(max_shard_size), ids["pad"])
             else:
                 hf.save_pretrained(family, cfg, state, tmp, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=eos,
                                    max_shard_bytes=hf.parse_size(max_shard_size),
@@ -103,16 +103,22 @@ def export(checkpoint: str, out: str, *, tokenizer_path: str | None = None, dtyp
     return Path(out)
 
 
-def _save_hf_backend(cfg, state: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+def _save_hf_backend(cfg, state: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int, pad_id) -> None:
     """A model.backend=hf causal LM written back through its transformers class: its config.json
-    (special ids included) as it came, and the generation_config.json of the directory it was
-    trained from (an EOS list, sampling defaults) when that has one."""
+    (special ids included) as it came, a pad the run added (tokenizer.add_pad) named in it, and the
+    generation_config.json of the directory it was trained from (an EOS list, sampling defaults)
+    when that has one."""
+    import json
+
     from llmstack.models import hf_backend
 
-    hf_backend.save_pretrained(cfg, state, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    hf_backend.save_pretrained(cfg, state, out, dtype=dtype, max_shard_bytes=max_shard_bytes, pad_id=pad_id)
     src = Path(cfg.source) / "generation_config.json" if cfg.source else None
     if src is not None and src.is_file():
-        shutil.copy2(src, out / "generation_config.json")
+        gen = json.loads(src.read_text(encoding="utf-8"))
+        if pad_id is not None and gen.get("pad_token_id") is None:
+            gen["pad_token_id"] = pad_id
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
 
 def special_ids(tok, info: CheckpointMeta) -> dict:

@@ -8,6 +8,7 @@ attention and MLP) trained through its own class.
   exactly transformers' assistant-mask tokens; the export loads in transformers with the logits of
   our checkpoint and renders the model's chat format; `generate --chat` on the checkpoint answers as
   transformers does from the export;
+- a tokenizer without a pad: one is added, the vocabulary grows, the export carries it;
 - full SFT under ZeRO-3 in bf16 with activation checkpointing on two processes, resumed;
 - RM, DPO and PPO start from the transformers directory;
 - bad configurations exit 2 with the key named.
@@ -182,6 +183,40 @@ def test_lora_sft_export_loads_in_transformers(model_dir, tmp_path):
     new = new[:new.index(end)] if end in new else new
     assert new  # (an answer, not an immediate end of turn)
     assert proc.stdout.split("\n", 1)[1].rstrip("\n") == exported_tok.decode(new)
+
+
+@pytest.mark.slow
+def test_a_pad_is_added_and_exported(tmp_path):
+    """A Llama-3-style tokenizer without a pad: the run adds one (never an EOS), the embedding and
+    LM head grow to a multiple of 64 rows, and the export names the pad in its tokenizer, config.json
+    and generation_config.json; its logits on the original vocabulary are the starting model's."""
+    from tests.data_pipeline.test_chat_templates import LLAMA3_MARKED
+    from tests.models.test_export_fidelity import LLAMA3_SPECIALS
+
+    _, hf = hf_dir(tmp_path / "tok", LLAMA3_SPECIALS, LLAMA3_MARKED, bos_token="<|begin_of_text|>",
+                   eos_token="<|eot_id|>")
+    assert hf.pad_token_id is None
+    ref = olmo2_dir(tmp_path / "olmo2", hf)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    run_dir = tmp_path / "run"
+    run_cmd(llmstack_cmd(_sft_args(tmp_path / "olmo2", data, run_dir, "train.max_steps=2", "zero.stage=0",
+                                   "train.lr=1e-9"), 1, "python"), cwd=tmp_path)
+    export = tmp_path / "export"
+    run_cmd(llmstack_cmd(["export", str(run_dir / "checkpoints" / "latest"), "--out", str(export)], 1, "python"),
+            cwd=tmp_path)
+    tok = tf.AutoTokenizer.from_pretrained(str(export))
+    model = tf.AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    gen = json.loads((export / "generation_config.json").read_text())
+    assert tok.pad_token_id is not None and tok.pad_token_id == model.config.pad_token_id == gen["pad_token_id"]
+    assert tok.pad_token_id != hf.eos_token_id and len(tok) == len(hf) + 1
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)
+    ids, valid, pos = _batch()
+    with torch.no_grad():
+        a = model(ids, attention_mask=valid.long(), position_ids=pos).logits[..., :len(hf)]
+        b = ref(ids, attention_mask=valid.long(), position_ids=pos).logits
+    assert (a - b)[valid].abs().max() < 1e-4
 
 
 @pytest.mark.slow
