@@ -10,7 +10,7 @@ attention and MLP) trained through its own class.
   transformers does from the export;
 - a tokenizer without a pad: one is added, the vocabulary grows, the export carries it;
 - full SFT under ZeRO-3 in bf16 with activation checkpointing on two processes, resumed;
-- RM, DPO and PPO start from the transformers directory;
+- RM, DPO, PPO and GRPO start from the transformers directory;
 - bad configurations exit 2 with the key named.
 """
 
@@ -248,7 +248,7 @@ def _stage(tmp_path, stage: str, config: str, *overrides):
 
 
 @pytest.mark.slow
-def test_rm_dpo_ppo_start_from_the_transformers_directory(model_dir, tmp_path):
+def test_rm_dpo_ppo_grpo_start_from_the_transformers_directory(model_dir, tmp_path):
     path, _, _, data = model_dir
     prefs = f"[{{path: '{data / 'prefs.jsonl'}'}}]"
     pairs = [f"data.sources={prefs}", f"data.val_sources={prefs}", "data.val_pairs=4", "train.micro_batch=4",
@@ -261,6 +261,9 @@ def test_rm_dpo_ppo_start_from_the_transformers_directory(model_dir, tmp_path):
            f"critic.init={path}", "critic.backend=hf", f"reward.init={rm}", "actor.zero.stage=3",  # decoding copy
            f"data.sources=[{{path: '{data / 'prompts.jsonl'}'}}]", "rollout.batch=4", "rollout.max_new_tokens=8",
            "data.max_prompt_len=100", "train.micro_batch=4")
+    _stage(tmp_path, "grpo", "configs/grpo/demo.yaml", f"actor.init={path}", "actor.backend=hf", "rollout.prompts=2",
+           "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch=8", "data.max_prompt_len=100",
+           "grpo.dynamic_sampling=false")
 
 
 @pytest.mark.parametrize("override, message", [
