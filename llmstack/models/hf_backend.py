@@ -30,7 +30,6 @@ names q k v o up gate down select the llama-style *_proj projections).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -385,7 +384,3 @@ class Stepper:
             return self._last(tok, nxt)
         self.ids = torch.cat([self.ids, tok], dim=1)
         return self._last(self.ids, self.pos)
-
-
-def arch_dict(cfg: HFConfig) -> dict:
-    return asdict(cfg)

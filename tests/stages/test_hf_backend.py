@@ -23,7 +23,7 @@ import torch
 import transformers as tf
 
 from tests.conftest import REPO, llmstack_cmd, losses, run_cmd
-from tests.data_pipeline.test_chat_templates import CHATML, CHATML_MARKED, QWEN_SPECIALS, hf_dir
+from tests.data_pipeline.test_chat_templates import CHATML_MARKED, QWEN_SPECIALS, hf_dir
 
 CONVS = [[{"role": "user", "content": f"Question {i}: pack my box?"},
           {"role": "assistant", "content": f"Answer {i}: with five dozen liquor jugs."}] for i in range(8)]
