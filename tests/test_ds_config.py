@@ -75,6 +75,9 @@ def test_load_state_dict_refuses_misfits():
     other = {**state, "lm_head.weight": state["wte.weight"] + 1}  # untied values into a tied model
     with pytest.raises(UsageError, match="ties them"):
         ds.load_state_dict_into(m, other, zero_stage=0)
+    short = {**state, "ln_f.weight": state["ln_f.weight"][:-1]}  # a tensor of another shape: named, no traceback
+    with pytest.raises(UsageError, match=r"ln_f.weight has shape \(\d+,\), the model's \(\d+,\)"):
+        ds.load_state_dict_into(m, short, zero_stage=0)
 
 
 def test_init_on_host_draws_fp32_values_whatever_the_parameters_dtype():

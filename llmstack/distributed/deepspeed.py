@@ -205,7 +205,12 @@ def _param_sources(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
             if not torch.equal(state[present[0]], state[other]):
                 raise UsageError(f"checkpoint holds different {present[0]} and {other}; the model ties them "
                                  "(train or import it with untied embeddings: model.tie_embeddings=false)")
-        sources[present[0]] = params[key]
+        p = params[key]
+        want = tuple(getattr(p, "ds_shape", p.shape))  # (a ZeRO-3 partitioned parameter's full shape)
+        if tuple(state[present[0]].shape) != want:
+            raise UsageError(f"checkpoint does not fit the model: {present[0]} has shape "
+                             f"{tuple(state[present[0]].shape)}, the model's {want}")
+        sources[present[0]] = p
     return sources
 
 

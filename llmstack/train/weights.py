@@ -121,7 +121,8 @@ def read_weights(path: str | Path) -> tuple[Path, CheckpointMeta, dict[str, torc
 
 # State-dict entries with one row per token (under "backbone." in a reward model or critic;
 # embed_tokens: a transformers model's own names)
-VOCAB_ROWS = ("wte.weight", "lm_head.weight", "embed_tokens.weight")
+VOCAB_ROWS = ("wte.weight", "lm_head.weight", "embed_tokens.weight",
+              "embed_in.weight", "embed_out.weight")  # (the last two: a GPT-NeoX under model.backend=hf)
 
 
 def grow_vocab(state: dict[str, torch.Tensor], old: int, new: int) -> dict[str, torch.Tensor]:
