@@ -46,13 +46,6 @@ LORA_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up"
 _NOT_ARCH = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_commit_hash")
 
 
-def is_hf_dir(path) -> bool:
-    """A transformers model directory (config.json, no llmstack record)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and not (p / "llmstack_model.json").is_file() and \
-        not (p / "meta.json").is_file()
-
-
 def _transformers_config(hf_config: dict):
     from transformers import AutoConfig
 
@@ -161,10 +154,10 @@ class _HFModule(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def matmul_params(self) -> int:
-        """Weights of the matmuls (Linear, and transformers' Conv1D of GPT-2-style models), the LM
-        head included: the N of the PaLM FLOPs formula."""
-        return sum(m.weight.numel() for m in self.modules()
-                   if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+        """The N of the PaLM FLOPs formula (train/metrics.matmul_params)."""
+        from llmstack.train.metrics import matmul_params
+
+        return matmul_params(self)
 
     def flops_per_token(self, seq_len: int) -> float:
         c = self.config

@@ -105,12 +105,8 @@ def model_flops(arch, cls=None):
     critic has its scalar head instead of the LM head."""
     from llmstack.train.metrics import ModelFlops, matmul_params
 
-    if is_hf_arch(arch):
-        from llmstack.models.hf_backend import model_class
-
-        cls = model_class(cls)
     with torch.device("meta"):
-        model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
+        model = model_class(arch, cls)(arch)
     head = getattr(model, "lm_head", None)  # a GPT's LM head; a ScalarHeadModel's scalar head
     head = getattr(model, "head", None) if head is None else head
     return ModelFlops(matmul_params(model), arch.n_layer, arch.n_head * arch.head_dim,
@@ -147,14 +143,14 @@ def build_model(arch, ds_config: dict, zero_stage: int, seed: int, *, cls=None, 
     """The one model builder of every stage: `cls(arch)` (default: the architecture's family
     model; PolicyLM, ScalarHeadModel for RLHF) constructed partitioned under ZeRO-3, initialised
     from `seed` (identical weights for any world size), then loaded from `init` when given."""
-    if is_hf_arch(arch):  # model.backend=hf: the transformers class standing for cls
-        from llmstack.models.hf_backend import import_model_code, model_class
+    cls = model_class(arch, cls)
+    if is_hf_arch(arch):
+        from llmstack.models.hf_backend import import_model_code
 
-        cls = model_class(cls)
         import_model_code(arch)
     torch.manual_seed(seed)
     with ds.model_init_context(ds_config, zero_stage):
-        model = cls(arch) if cls is not None else models.build_model(models.family_of_config(arch), arch)
+        model = cls(arch)
     torch.manual_seed(seed)
     ds.init_weights(model, model.init_module_, zero_stage)
     if init is not None:
@@ -228,6 +224,16 @@ def load_init_weights(model, init_path: str, zero_stage: int, tokenizer_hash: st
     return init[0]
 
 
+def model_class(arch, cls=None) -> type:
+    """The class a stage builds for `arch`: `cls` (PolicyLM, ScalarHeadModel; None: the family's
+    model), or under model.backend=hf the transformers-backed class standing for it."""
+    if is_hf_arch(arch):
+        from llmstack.models import hf_backend
+
+        return hf_backend.model_class(cls)
+    return cls if cls is not None else models.get_family(models.family_of_config(arch)).model_cls
+
+
 def is_hf_arch(arch) -> bool:
     """An architecture of the generic backend (model.backend=hf)."""
     from llmstack.models.configs import HFConfig
@@ -241,30 +247,11 @@ def read_init(init_path: str | None, backend: str = "native") -> Init | None:
     checkpoint is read as it was written (its recorded family says which backend trained it)."""
     if not init_path:
         return None
-    if backend != "hf":
-        return weights.read_weights(init_path)
-    from llmstack.models import hf_backend
-
-    p = Path(init_path)
-    if not hf_backend.is_hf_dir(p):
-        init = weights.read_weights(p)
-        if init[1].model_family != "hf":
-            raise UsageError(f"model.init={init_path} holds a {init[1].model_family} model of our own code: "
-                             "train it with model.backend=native")
-        return init
-    from dataclasses import asdict
-
-    from data_pipeline.tokenizer import tokenizer_hash
-
-    try:
-        arch = hf_backend.read_arch(p)
-    except ValueError as e:
-        raise UsageError(f"model.init: {e}") from None
-    has_tok = (p / "tokenizer.json").is_file()
-    info = CheckpointMeta(model_family="hf", model=asdict(arch), source=str(p),
-                          tokenizer_path=str(p) if has_tok else None,
-                          tokenizer_hash=tokenizer_hash(p) if has_tok else None)
-    return p, info, hf_backend.read_state(p)
+    init = weights.read_weights(init_path, backend)
+    if backend == "hf" and init[1].model_family != "hf":
+        raise UsageError(f"model.init={init_path} holds a {init[1].model_family} model of our own code: "
+                         "train it with model.backend=native")
+    return init
 
 
 def recorded_architecture(path: str) -> tuple[str, dict] | None:

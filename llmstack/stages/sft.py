@@ -135,8 +135,9 @@ def run(cfg: SFTConfig) -> dict:
     run, t, s = train_run.start(cfg), cfg.train, cfg.sft
     tasks = task_eval.start(t)  # train.eval_tasks loaded once: a bad task exits 2 before any heavy work
     tokenizer, arch, init = common.finetune_start(run, cfg, seq_len=cfg.data.seq_len, families=FAMILIES)
-    if tasks is not None and models.family_of_config(arch) != "gpt":  # (task_eval's runners read a GPT)
-        what = "a model.backend=hf" if models.family_of_config(arch) == "hf" else "a gemma"
+    family = models.family_of_config(arch)
+    if tasks is not None and family != "gpt":  # (task_eval's runners read a GPT)
+        what = "a model.backend=hf" if family == "hf" else "a gemma"
         raise UsageError(f"train.eval_tasks scores gpt models, this run trains {what} model: evaluate its "
                          "checkpoints with llmstack-eval instead (export it first for model.backend=hf)")
     if tasks is not None:  # every prompt fits the model (else exit 2 now, not at the first evaluation)

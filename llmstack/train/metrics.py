@@ -264,8 +264,10 @@ def rollout_flops(valid: torch.Tensor, prompt_len: int, passes: list[tuple[Model
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """N of the PaLM count: the weights of every Linear (a head tied to the embedding included)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """N of the PaLM count: the weights of every Linear (a head tied to the embedding included),
+    and of transformers' Conv1D (GPT-2-style models under model.backend=hf)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
 
 
 def attention_len(lengths) -> float:

@@ -88,11 +88,12 @@ def load_consolidated(model_dir: str | Path) -> tuple[CheckpointMeta, dict[str, 
     return read_info(d), load_file(str(d / MODEL_FILE))
 
 
-def read_weights(path: str | Path) -> tuple[Path, CheckpointMeta, dict[str, torch.Tensor]]:
+def read_weights(path: str | Path, backend: str = "native") -> tuple[Path, CheckpointMeta, dict[str, torch.Tensor]]:
     """(source, record, fp32 state dict) of any weights a stage can start from (module docstring).
 
     The record has at least model_family, model (the architecture) and tokenizer_hash (None when
-    unknown); for a Hugging Face directory it is built from its config.json and tokenizer.
+    unknown); for a Hugging Face directory it is built from its config.json and tokenizer, which
+    `backend`=hf reads through the model's own transformers class, unconverted (family "hf").
     """
     p = Path(path)
     if (p / INFO).is_file():
@@ -104,15 +105,22 @@ def read_weights(path: str | Path) -> tuple[Path, CheckpointMeta, dict[str, torc
         from data_pipeline.tokenizer import tokenizer_hash
         from llmstack.models.hf import ConversionError, load_pretrained
 
+        has_tok = (p / "tokenizer.json").is_file()
+        tok = dict(tokenizer_path=str(p) if has_tok else None, tokenizer_hash=tokenizer_hash(p) if has_tok else None)
+        if backend == "hf":
+            from llmstack.models import hf_backend
+
+            try:
+                arch = hf_backend.read_arch(p)
+            except ValueError as e:
+                raise UsageError(f"{p}: {e}") from None
+            return p, CheckpointMeta(model_family="hf", model=asdict(arch), source=str(p), **tok), \
+                hf_backend.read_state(p)
         try:
             family, cfg, state, hf_config = load_pretrained(p)
         except ConversionError as e:
             raise UsageError(f"{p}: {e}") from None
-        has_tok = (p / "tokenizer.json").is_file()
-        info = CheckpointMeta.from_hf(family, asdict(cfg), hf_config, source=str(p),
-                                      tokenizer_path=str(p) if has_tok else None,
-                                      tokenizer_hash=tokenizer_hash(p) if has_tok else None)
-        return p, info, state
+        return p, CheckpointMeta.from_hf(family, asdict(cfg), hf_config, source=str(p), **tok), state
     src = ckpt.resolve(p)
     meta = ckpt.read_meta(src)
     ckpt.check(src, rng=False)  # every process reads the whole checkpoint here, so each checks all of it
